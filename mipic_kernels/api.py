@@ -1,0 +1,270 @@
+"""The public functions: argument checks, token selection and backend dispatch.
+
+Every argument is checked here and nowhere else; the backends
+(:mod:`mipic_kernels.reference` and :mod:`mipic_kernels.triton`) receive validated,
+normalised arguments with the same internal signature:
+
+``cka(x, y, mask, *, kernel, unbiased, sigma, rbf_threshold)`` and
+``nested_cka_ranked(x, dims, order, k, *, kernel, unbiased, sigma, rbf_threshold,
+detach_full)``, where ``mask`` is a bool tensor, ``order`` the token ranking from
+:func:`mipic_kernels.selection.rank_tokens` and ``k`` the per-width counts from
+:func:`mipic_kernels.selection.resolve_k`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from types import ModuleType
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference, selection
+from .selection import KSpec, ScoresSpec
+
+KERNELS = ("linear", "rbf")
+BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def cka(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    kernel: str = "linear",
+    unbiased: bool = False,
+    sigma: Optional[float] = None,
+    rbf_threshold: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Centred kernel alignment between the rows of ``x`` and ``y``, batched.
+
+    Args:
+        x: ``(*, n, p)`` floating tensor, one row per token.
+        y: ``(*, n, q)`` with the same leading dims and ``n`` as ``x``.
+        mask: optional ``(*, n)`` bool tensor, True for real rows; other rows are
+            ignored as if absent.
+        kernel: ``"linear"`` or ``"rbf"``.
+        unbiased: use the unbiased HSIC estimator (Song et al. 2012; needs 4 rows).
+        sigma: RBF bandwidth used for both Grams; None gives each Gram
+            ``sigma^2 = rbf_threshold^2 * median`` of its squared distances.
+        rbf_threshold: scales the median bandwidth.
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (triton for CUDA tensors
+            when it is installed, else torch).
+
+    Returns:
+        ``(*)`` tensor, float64 for float64 input and float32 otherwise. Entries with
+        too few rows (2, or 4 for the unbiased estimator) or a side without variance
+        are NaN, and only those.
+    """
+    _check_features("x", x, min_dim=2)
+    _check_features("y", y, min_dim=2)
+    if y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"y must have the leading dims and row count of x, {tuple(x.shape[:-1])} + (q,); "
+            f"got shape {tuple(y.shape)}"
+        )
+    _check_same_device("y", y, x)
+    mask = _check_mask(mask, x)
+    kernel, sigma = _check_kernel(kernel, sigma, rbf_threshold)
+    impl = _backend(backend, x)
+    if impl is reference:
+        _check_finite("x", x)
+        _check_finite("y", y)
+    return impl.cka(
+        x, y, mask, kernel=kernel, unbiased=bool(unbiased), sigma=sigma,
+        rbf_threshold=float(rbf_threshold),
+    )
+
+
+def nested_cka(
+    x: torch.Tensor,
+    dims: Sequence[int],
+    *,
+    k: KSpec = None,
+    k_min: int = 1,
+    scores: ScoresSpec = None,
+    mask: Optional[torch.Tensor] = None,
+    kernel: str = "linear",
+    unbiased: bool = False,
+    sigma: Optional[float] = None,
+    rbf_threshold: float = 1.0,
+    detach_full: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CKA between each width prefix and the full width over nested top-k tokens.
+
+    For width ``i`` the tokens ``S_i`` are the ``k_i`` best-ranked real tokens of each
+    example and the result is ``CKA(x[S_i, :dims[i]], x[S_i, :D])``.
+
+    Args:
+        x: ``(*, T, D)`` token states (any leading dims, e.g. layers x batch).
+        dims: strictly increasing widths in ``[1, D]``.
+        k: None (every real token), an int (every width) or one entry per width,
+            each an int count or a float in (0, 1] meaning ``ceil(fraction * m)`` with
+            ``m`` the example's real-token count. Then ``k_i = min(max(k_i, k_min), m)``.
+        k_min: lower bound on every ``k_i`` (before the cap at ``m``).
+        scores: ``(*, T)`` ranking scores, ``"cls"`` (``x_0 . x_j / sqrt(D)`` at full
+            width, MIPIC's teacher attention score) or None (position order). Ranking
+            is descending, ties to the lower position, real tokens only.
+        mask: optional ``(*, T)`` bool tensor, True for real tokens.
+        kernel, unbiased, sigma, rbf_threshold: as in :func:`cka`; with ``sigma=None``
+            every Gram (each prefix and the full width, over its own tokens) gets its
+            own median bandwidth, held constant in the backward pass.
+        detach_full: the full width is a detached teacher (no gradient reaches it).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"``.
+
+    Returns:
+        ``(*, len(dims))``, float64 for float64 input and float32 otherwise; NaN
+        exactly where the entry is undefined (see :func:`cka`).
+    """
+    _check_features("x", x, min_dim=2)
+    depth = x.shape[-1]
+    dims = _check_dims(dims, depth)
+    k = _check_k(k, len(dims))
+    k_min = _check_positive_int("k_min", k_min)
+    mask = _check_mask(mask, x)
+    kernel, sigma = _check_kernel(kernel, sigma, rbf_threshold)
+    impl = _backend(backend, x)
+    if impl is reference:
+        _check_finite("x", x)
+    if isinstance(scores, str):
+        if scores != "cls":
+            raise ValueError(f"scores must be a (*, T) tensor, 'cls' or None; got {scores!r}")
+        scores = selection.cls_scores(x)
+    elif scores is not None:
+        scores = _check_scores(scores, x, mask)
+    order = selection.rank_tokens(scores, mask)
+    counts = selection.resolve_k(k, k_min, mask.sum(-1), len(dims))
+    return impl.nested_cka_ranked(
+        x, dims, order, counts, kernel=kernel, unbiased=bool(unbiased), sigma=sigma,
+        rbf_threshold=float(rbf_threshold), detach_full=bool(detach_full),
+    )
+
+
+def _backend(backend: str, x: torch.Tensor) -> ModuleType:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "torch":
+        return reference
+    from . import triton as triton_backend
+
+    if backend == "triton":
+        triton_backend.check_usable(x)
+        return triton_backend
+    return triton_backend if triton_backend.preferred_for(x) else reference
+
+
+def _check_features(name: str, t: object, *, min_dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); "
+            f"got {t.dtype}"
+        )
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have shape (*, n, features); got shape {tuple(t.shape)}")
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one feature column; got shape {tuple(t.shape)}")
+
+
+def _check_same_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the device of x ({x.device}); got {t.device}")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite; it holds NaN or inf")
+
+
+def _check_mask(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    rows = x.shape[:-1]
+    if mask is None:
+        return torch.ones(rows, dtype=torch.bool, device=x.device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor of shape {tuple(rows)}; got {got}")
+    if mask.shape != rows:
+        raise ValueError(f"mask must have shape {tuple(rows)} (x.shape[:-1]); got {tuple(mask.shape)}")
+    _check_same_device("mask", mask, x)
+    return mask
+
+
+def _check_scores(scores: object, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    rows = x.shape[:-1]
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a (*, T) tensor, 'cls' or None; got {type(scores).__name__}")
+    if scores.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"scores must have a floating dtype; got {scores.dtype}")
+    if scores.shape != rows:
+        raise ValueError(f"scores must have shape {tuple(rows)} (x.shape[:-1]); got {tuple(scores.shape)}")
+    _check_same_device("scores", scores, x)
+    if not bool(torch.isfinite(scores[mask]).all()):
+        raise ValueError("scores must be finite at every real token (mask True)")
+    return scores.detach()
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return int(value)
+
+
+def _check_dims(dims: object, depth: Optional[int]) -> tuple[int, ...]:
+    """Widths as a tuple; ``depth=None`` checks everything but the upper bound."""
+    bound = "D" if depth is None else f"D={depth}"
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) == 0:
+        raise ValueError(f"dims must be a non-empty sequence of ints in [1, {bound}]; got {dims!r}")
+    out = []
+    for d in dims:
+        if (
+            isinstance(d, bool) or not isinstance(d, numbers.Integral)
+            or d < 1 or (depth is not None and d > depth)
+        ):
+            raise ValueError(f"dims must hold ints in [1, {bound}]; got {list(dims)!r}")
+        out.append(int(d))
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"dims must be strictly increasing; got {out!r}")
+    return tuple(out)
+
+
+def _check_k(k: object, n_widths: int) -> KSpec:
+    if k is None:
+        return None
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        return _check_positive_int("k", k)
+    if isinstance(k, (str, bytes)) or not isinstance(k, Sequence):
+        raise ValueError(f"k must be None, an int >= 1 or one entry per width; got {k!r}")
+    if len(k) != n_widths:
+        raise ValueError(f"k must have one entry per width ({n_widths}); got {len(k)} entries")
+    out: list[int | float] = []
+    for v in k:
+        if isinstance(v, bool):
+            raise ValueError(f"k entries must be ints >= 1 or floats in (0, 1]; got {v!r}")
+        if isinstance(v, numbers.Integral):
+            out.append(_check_positive_int("k entries", v))
+        elif isinstance(v, numbers.Real) and 0.0 < float(v) <= 1.0:
+            out.append(float(v))
+        else:
+            raise ValueError(f"k entries must be ints >= 1 or floats in (0, 1]; got {v!r}")
+    return out
+
+
+def _check_kernel(kernel: object, sigma: object, rbf_threshold: object) -> tuple[str, Optional[float]]:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    if sigma is not None:
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+            raise TypeError(f"sigma must be a positive finite float or None; got {sigma!r}")
+        if not math.isfinite(float(sigma)) or float(sigma) <= 0:
+            raise ValueError(f"sigma must be a positive finite float or None; got {sigma!r}")
+        sigma = float(sigma)
+    if isinstance(rbf_threshold, bool) or not isinstance(rbf_threshold, numbers.Real):
+        raise TypeError(f"rbf_threshold must be a positive finite float; got {rbf_threshold!r}")
+    if not math.isfinite(float(rbf_threshold)) or float(rbf_threshold) <= 0:
+        raise ValueError(f"rbf_threshold must be a positive finite float; got {rbf_threshold!r}")
+    return str(kernel), sigma

@@ -1,0 +1,76 @@
+"""Token ranking and per-width token counts, shared by every backend.
+
+Both backends receive the same ``order`` and ``k`` tensors, so a token ranked
+differently by two backends (summation order, CPU vs CUDA ``topk`` ties) can
+never be the reason their results differ.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+KSpec = Union[None, int, Sequence[Union[int, float]]]
+ScoresSpec = Union[None, str, torch.Tensor]
+
+# A fraction times a count is rounded up, but ``0.3 * 10`` is 3.0000000000000004
+# in binary floating point: the slack makes the decimal reading (3) win.
+_CEIL_SLACK = 1e-9
+
+
+def cls_scores(x: torch.Tensor) -> torch.Tensor:
+    """MIPIC's teacher attention score ``s_j = x_0 . x_j / sqrt(D)`` at full width.
+
+    ``x`` is ``(*, T, D)``; the first position is the query. Returns ``(*, T)`` in the
+    accumulation dtype (float64 for float64 input, else float32), without gradient:
+    the ranking it feeds is not differentiable.
+    """
+    z = x.detach().to(accumulation_dtype(x.dtype))
+    return (z[..., :1, :] * z).sum(-1) / math.sqrt(z.shape[-1])
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rank_tokens(scores: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """Positions ordered best first: real tokens by descending score, ties to the lower
+    position, then the padding positions.
+
+    ``scores`` is ``(*, T)`` (finite at real tokens) or None for position order;
+    ``mask`` is ``(*, T)`` bool. Returns ``(*, T)`` int64.
+    """
+    if scores is None:
+        key = mask.to(torch.float32)
+    else:
+        key = scores.to(accumulation_dtype(scores.dtype))
+        key = torch.where(mask, key, torch.full_like(key, -math.inf))
+    # A stable descending sort keeps equal keys in position order, which is the
+    # tie rule; padding carries -inf (or 0 against 1) and so lands last.
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices
+
+
+def resolve_k(k: KSpec, k_min: int, counts: torch.Tensor, n_widths: int) -> torch.Tensor:
+    """Per-example, per-width token counts ``(*, n_widths)`` int64.
+
+    ``counts`` is the number of real tokens of each example, ``(*)``. ``k`` is None
+    (every real token), an int (every width) or one entry per width: an int count or
+    a float in (0, 1] meaning ``ceil(fraction * count)``. Then
+    ``k_i = min(max(k_i, k_min), count)``. Arguments are assumed validated.
+    """
+    c = counts.to(torch.int64)
+    if k is None:
+        per_width = [c] * n_widths
+    else:
+        specs = [k] * n_widths if isinstance(k, int) else list(k)
+        per_width = []
+        for spec in specs:
+            if isinstance(spec, float):
+                want = torch.ceil(c.to(torch.float64) * spec - _CEIL_SLACK).to(torch.int64)
+            else:
+                want = torch.full_like(c, spec)
+            per_width.append(torch.minimum(want.clamp(min=k_min), c))
+    return torch.stack(per_width, dim=-1)
