@@ -33,13 +33,18 @@ class Objective(nn.Module):
         dims = list(dims)
         if dims[-1] != hidden_size:
             raise ValueError(f"model.dims must end at the hidden size {hidden_size}; got {dims}")
-        _check_layers("objective.sia.layers", cfg.sia.layers, num_layers)
-        _check_layers("objective.pic.chain layers", [l for _, l in cfg.pic.chain], num_layers)
-        _check_layers("objective.ese.layers", cfg.ese.layers, num_layers)
-        _check_layers("objective.mic.layers", cfg.mic.layers, num_layers)
-        bad_width = [w for w, _ in cfg.pic.chain if w > hidden_size]
-        if bad_width:
-            raise ValueError(f"objective.pic.chain widths must be <= the hidden size {hidden_size}; got {bad_width}")
+        # Only the terms in use are checked against the model: a config may keep the
+        # settings of the others (e.g. a MIPIC config run with method=mrl).
+        if cfg.method == "mipic":
+            _check_layers("objective.sia.layers", cfg.sia.layers, num_layers)
+            _check_layers("objective.pic.chain layers", [l for _, l in cfg.pic.chain], num_layers)
+            bad_width = [w for w, _ in cfg.pic.chain if w > hidden_size]
+            if bad_width:
+                raise ValueError(f"objective.pic.chain widths must be <= the hidden size {hidden_size}; got {bad_width}")
+        if cfg.method == "ese":
+            _check_layers("objective.ese.layers", cfg.ese.layers, num_layers)
+        if cfg.mic.enabled:
+            _check_layers("objective.mic.layers", cfg.mic.layers, num_layers)
         if cfg.method == "ese" and not cfg.ese.layers:
             raise ValueError("objective.ese.layers must list at least one layer for method 'ese'")
         self.cfg = cfg

@@ -1,0 +1,243 @@
+"""Each loss term against a small hand-checked computation, and where gradients flow."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from mipic_kernels import nested_cka
+from mipic.config import config_from_dict
+from mipic.encoder import Encoder, pool, query_positions
+from mipic.objectives import Objective
+from mipic.objectives.mic import soft_collapse, spectral_isotropy
+from mipic.objectives.mrl import MRLLoss, info_nce
+from mipic.objectives.pic import PICLoss
+from mipic.objectives.sia import SIALoss, default_k_fractions
+from mipic.testing import build_tiny_model
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    seed = int(os.environ.get("MIPIC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"{request.node.nodeid}: MIPIC_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    return build_tiny_model(tmp_path_factory.mktemp("bert"), "bert")
+
+
+def _loop_info_nce(a, p, tau, n=None):
+    """InfoNCE written out one anchor at a time."""
+    total = 0.0
+    cands = list(p) + ([] if n is None else list(n))
+    for i, ai in enumerate(a):
+        sims = [float(F.cosine_similarity(ai, c, dim=0)) / tau for c in cands]
+        total += -sims[i] + math.log(sum(math.exp(s) for s in sims))
+    return total / len(a)
+
+
+def test_info_nce_by_hand(gen):
+    a, p, n = (torch.randn(5, 7, generator=gen, dtype=torch.float64) for _ in range(3))
+    assert float(info_nce(a, p, 0.1)) == pytest.approx(_loop_info_nce(a, p, 0.1), rel=1e-5)
+    assert float(info_nce(a, p, 0.3, n)) == pytest.approx(_loop_info_nce(a, p, 0.3, n), rel=1e-5)
+    # A perfect match at a low temperature costs almost nothing.
+    eye = torch.eye(4)
+    assert float(info_nce(eye, eye, 0.01)) < 1e-10
+
+
+def test_mrl_truncates_then_normalises(gen):
+    a, p = torch.randn(6, 12, generator=gen), torch.randn(6, 12, generator=gen)
+    per_width = MRLLoss([3, 5, 12], 0.05)(a, p)
+    for value, d in zip(per_width, [3, 5, 12]):
+        assert float(value) == pytest.approx(_loop_info_nce(a[:, :d], p[:, :d], 0.05), rel=1e-4)
+
+
+def _sia_inputs(gen, b=3, t=9, d=16, layers=2):
+    hidden = [torch.randn(b, t, d, generator=gen, dtype=torch.float64) for _ in range(layers + 1)]
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[2, 4:] = False
+    return hidden, mask
+
+
+def test_sia_attention_kl_by_hand(gen):
+    hidden, mask = _sia_inputs(gen)
+    sia = SIALoss(16, [4, 8, 16], [1, 2], attention_temperature=0.7, k_min=2)
+    query = torch.tensor([0, 0, 0])
+    att, _ = sia([h.float() for h in hidden], mask, query)
+    expected = []
+    for l in (1, 2):
+        for d in (4, 8):
+            lift = sia.lifts[f"layer{l}_width{d}"].weight.detach().double()  # (16, d)
+            kls = []
+            for b in range(3):
+                m = int(mask[b].sum())
+                h = hidden[l][b, :m]
+                q = h[0]
+                teacher = torch.softmax((h @ q / 4.0) / 0.7, 0)
+                student = torch.softmax(((h[:, :d] @ lift.T) @ q / 4.0) / 0.7, 0)
+                kls.append(float((student * (student.log() - teacher.log())).sum()))
+            expected.append(sum(kls) / 3)
+    assert float(att) == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    sia_sum = SIALoss(16, [4, 8, 16], [1, 2], attention_temperature=0.7, k_min=2, aggregation="sum")
+    sia_sum.load_state_dict(sia.state_dict())
+    att_sum, _ = sia_sum([h.float() for h in hidden], mask, query)
+    assert float(att_sum) == pytest.approx(sum(expected), rel=1e-4)
+
+
+def test_sia_cka_is_one_stacked_call_of_nested_cka(gen):
+    hidden, mask = _sia_inputs(gen)
+    fractions = [0.5, 1.0]
+    sia = SIALoss(16, [4, 8, 16], [1, 2], k_fractions=fractions, k_min=3, backend="torch")
+    _, cka = sia(hidden, mask, torch.zeros(3, dtype=torch.long))
+    gaps = []
+    for l in (1, 2):
+        values = nested_cka(hidden[l], [4, 8], k=fractions, k_min=3, scores="cls", mask=mask)
+        gaps.append(1 - values)  # (B, W), all defined here
+    assert float(cka) == pytest.approx(float(torch.stack(gaps).mean()), rel=1e-6)
+    assert default_k_fractions(6) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert default_k_fractions(10)[-1] == 1.0
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_sia_gradients_reach_prefixes_only_when_teacher_detached(gen, detach):
+    hidden, mask = _sia_inputs(gen)
+    states = [h.float().requires_grad_() for h in hidden]
+    sia = SIALoss(16, [4, 8, 16], [1, 2], k_min=2, detach_teacher=detach)
+    att, cka = sia(states, mask, torch.zeros(3, dtype=torch.long))
+    (att + cka).backward()
+    for l in (1, 2):
+        grad = states[l].grad
+        assert grad[..., :8][mask].abs().sum() > 0
+        beyond_prefixes = grad[..., 8:][mask].abs().sum()
+        assert (beyond_prefixes > 0) == (not detach)
+        assert grad[~mask].abs().sum() == 0  # padding never receives gradient
+    assert states[0].grad is None  # layer 0 is not configured
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sia.lifts.parameters())
+
+
+def test_pic_by_hand_and_detached_targets(gen):
+    pic = PICLoss([[4, 1], [8, 2], [16, 3]], temperature=0.1)
+    assert [tuple(h[0].weight.shape) for h in pic.heads] == [(4, 4), (8, 8)]  # hidden max(d_i, d_i+1) // 2
+    pooled = {l: torch.randn(5, 16, generator=gen).requires_grad_() for l in (1, 2, 3)}
+    links = pic(pooled)
+    for i, (d_in, l_in, d_out, l_out) in enumerate([(4, 1, 8, 2), (8, 2, 16, 3)]):
+        prediction = pic.heads[i](pooled[l_in][:, :d_in])
+        hand = _loop_info_nce(prediction.detach().double(), pooled[l_out][:, :d_out].detach().double(), 0.1)
+        assert float(links[i]) == pytest.approx(hand, rel=1e-4)
+    links.sum().backward()
+    assert pooled[3].grad is None  # only ever a target
+    assert pooled[1].grad[:, :4].abs().sum() > 0 and pooled[1].grad[:, 4:].abs().sum() == 0
+    # Layer 2 is a source of link 2 (its first 8 features) and a detached target of link 1.
+    assert pooled[2].grad[:, 8:].abs().sum() == 0
+
+
+def test_soft_collapse_by_hand(gen):
+    hidden = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64) * 0.5
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    got = soft_collapse(hidden, mask, [2, 3], tau_corr=0.1, lambda_var=0.7)
+    corr = torch.zeros(5, 5, dtype=torch.float64)
+    for b in range(2):
+        h = hidden[b, mask[b]]
+        z = (h - h.mean(0)) / h.std(0, unbiased=False)
+        corr += z.T @ z / len(h) / 2
+    raw = hidden[mask]
+    std = raw.std(0, unbiased=False)
+    for value, d in zip(got, [2, 3]):
+        block = corr[:d, d:]
+        penalty = (torch.clamp(block.abs() - 0.1, min=0) ** 2).mean()
+        hinge = torch.clamp(1 - std[:d], min=0).mean() + 0.5 * torch.clamp(1 - std[d:], min=0).mean()
+        assert float(value) == pytest.approx(float(penalty + 0.7 * hinge), rel=1e-4)
+
+
+def test_spectral_isotropy_by_hand(gen):
+    z = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    got = spectral_isotropy(z, [2, 5], t=2.0)
+    for value, d in zip(got, [2, 5]):
+        p = z[:, :d]
+        var = p.var(0, unbiased=False)
+        cv = float(var.std(unbiased=False) / var.mean())
+        terms = [math.exp(-4 * (1 - float(F.cosine_similarity(p[i], p[j], dim=0))))
+                 for i in range(6) for j in range(6) if i != j]
+        uniformity = math.log(sum(terms) / len(terms))
+        assert float(value) == pytest.approx(0.5 * (cv + uniformity), rel=1e-4)
+
+
+def test_query_positions_and_last_token_pooling():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)  # right and left padding
+    assert query_positions(mask, "last").tolist() == [2, 3, 0]
+    assert query_positions(mask, "cls").tolist() == [0, 0, 0]
+    h = torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2)
+    assert torch.equal(pool(h, mask, "last"), torch.stack([h[0, 2], h[1, 3], h[2, 0]]))
+    assert torch.allclose(pool(h, mask, "mean")[1], h[1, 1:].mean(0))
+
+
+def _objective(tiny_bert, **objective):
+    cfg = config_from_dict({"model": {"name": tiny_bert, "dims": [4, 8, 16, 32]}, "data": {"path": "x"},
+                            "objective": objective})
+    encoder = Encoder.from_pretrained(tiny_bert, max_length=16)
+    return encoder, Objective(cfg.objective, cfg.model.dims, encoder.hidden_size, encoder.num_layers)
+
+
+BATCH = [("a man is playing a guitar",), ("the dog runs in the park",), ("two people sitting on a table",),
+         ("a red car on the street",)]
+
+
+def test_objective_combines_terms_as_configured(tiny_bert):
+    encoder, objective = _objective(
+        tiny_bert, method="mipic", alpha=0.3, sia={"layers": [1, 3], "k_min": 2, "attention_weight": 0.5,
+                                                   "cka_weight": 2.0},
+        pic={"weight": 0.25, "chain": [[8, 1], [16, 2], [32, 3]]}, mic={"enabled": True, "gamma": 0.2})
+    encoder.eval()  # no dropout: the views coincide and the parts are reproducible
+    loss, parts = objective(encoder, BATCH)
+    aux = 0.5 * parts["sia_attention"] + 2.0 * parts["sia_cka"] + 0.25 * parts["pic"]
+    expected = 0.3 * parts["mrl"] + 0.7 * aux + 0.2 * (parts["mic_scr"] + parts["mic_sir"])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(parts["mrl"]) == pytest.approx(sum(float(parts[f"mrl@{d}"]) for d in (4, 8, 16, 32)), rel=1e-5)
+    assert all(torch.isfinite(v) for v in parts.values())
+    loss.backward()
+    assert all(p.grad is not None for p in objective.parameters())
+
+
+def test_objective_baselines(tiny_bert):
+    encoder, mrl = _objective(tiny_bert, method="mrl")  # the default SIA layers 1..6 are ignored
+    encoder.eval()
+    loss, parts = mrl(encoder, BATCH)
+    assert set(parts) == {"mrl", "loss", "mrl@4", "mrl@8", "mrl@16", "mrl@32"}
+    assert list(mrl.parameters()) == []
+    _, ese = _objective(tiny_bert, method="ese", ese={"layers": [1, 2], "weight": 0.5})
+    loss, parts = ese(encoder, BATCH)
+    assert float(loss) == pytest.approx(float(parts["mrl"] + 0.5 * parts["ese"]), rel=1e-6)
+    triplets = [(a[0], b[0], c[0]) for a, b, c in zip(BATCH, BATCH[1:] + BATCH[:1], BATCH[2:] + BATCH[:2])]
+    loss, _ = mrl(encoder, triplets)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "objective, message",
+    [
+        ({"sia": {"layers": [1, 4]}}, "objective.sia.layers must be layer numbers in [1, 3]"),
+        ({"sia": {"layers": [1]}, "pic": {"chain": [[8, 1], [64, 2]]}}, "chain widths must be <= the hidden size 32"),
+        ({"sia": {"layers": [1]}, "pic": {"chain": [[8, 1], [16, 4]]}}, "objective.pic.chain layers must be"),
+        ({"method": "ese"}, "objective.ese.layers must list at least one layer"),
+        ({"method": "mrl", "mic": {"enabled": True, "layers": [5]}}, "objective.mic.layers must be layer numbers"),
+    ],
+)
+def test_objective_rejects_what_the_model_cannot_do(tiny_bert, objective, message):
+    with pytest.raises(ValueError) as info:
+        _objective(tiny_bert, **objective)
+    assert message in str(info.value)
+
+
+def test_dims_must_end_at_hidden_size(tiny_bert):
+    cfg = config_from_dict({"model": {"dims": [4, 8]}, "data": {"path": "x"}})
+    with pytest.raises(ValueError, match="model.dims must end at the hidden size 32"):
+        Objective(cfg.objective, cfg.model.dims, 32, 3)
