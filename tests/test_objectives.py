@@ -241,3 +241,19 @@ def test_dims_must_end_at_hidden_size(tiny_bert):
     cfg = config_from_dict({"model": {"dims": [4, 8]}, "data": {"path": "x"}})
     with pytest.raises(ValueError, match="model.dims must end at the hidden size 32"):
         Objective(cfg.objective, cfg.model.dims, 32, 3)
+
+
+def test_decoder_pools_and_attends_from_the_last_real_token(tmp_path):
+    folder = build_tiny_model(tmp_path / "qwen", "qwen")
+    encoder = Encoder.from_pretrained(folder, max_length=16)
+    assert encoder.pooling == "last"
+    cfg = config_from_dict({"model": {"name": folder, "dims": [8, 16, 32]}, "data": {"path": "x"},
+                            "objective": {"sia": {"layers": [1, 2], "k_min": 2},
+                                          "pic": {"chain": [[8, 1], [32, 2]]}}})
+    objective = Objective(cfg.objective, cfg.model.dims, encoder.hidden_size, encoder.num_layers)
+    loss, parts = objective(encoder, BATCH)
+    assert torch.isfinite(loss) and {"sia_attention", "sia_cka", "pic"} <= set(parts)
+    enc = encoder(["a man", "a man is playing a guitar"])
+    pooled = encoder.pool(enc.hidden[-1], enc.mask)
+    last = enc.mask.sum(-1) - 1  # right padding here
+    assert torch.equal(pooled[0], enc.hidden[-1][0, last[0]])
