@@ -149,3 +149,11 @@ def test_undefined_entries_have_finite_zero_gradients():
         (grad,) = torch.autograd.grad(torch.nan_to_num(out).sum(), x)
         assert torch.isfinite(grad).all()
         assert (grad[0] == 0).all()
+
+
+def test_unbiased_self_hsic_can_vanish_for_spread_out_tokens():
+    x = torch.zeros(6, 3, dtype=torch.float64)
+    x[0, 0] = 1.0  # one token away from five that coincide
+    y = _x(6, 3, seed=21)
+    assert torch.isnan(mk.cka(x, y, unbiased=True))
+    assert torch.isfinite(mk.cka(x, y, unbiased=False))
