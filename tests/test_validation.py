@@ -32,6 +32,7 @@ X = torch.randn(2, 6, 5)
         (lambda: mk.cka(X, X, backend="cuda"), ValueError, "backend must be one of"),
         (lambda: mk.cka(X.clone().fill_(math.nan), X), ValueError, "x must be finite"),
         (lambda: mk.cka(X, X.clone().fill_(math.inf)), ValueError, "y must be finite"),
+        (lambda: mk.nested_cka(torch.randn(2, 0, 5), [2]), ValueError, r"at least one token position"),
         (lambda: mk.nested_cka(X, []), ValueError, "dims must be a non-empty sequence"),
         (lambda: mk.nested_cka(X, 4), ValueError, "dims must be a non-empty sequence"),
         (lambda: mk.nested_cka(X, [3, 2]), ValueError, "dims must be strictly increasing"),
@@ -58,6 +59,12 @@ X = torch.randn(2, 6, 5)
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_empty_batches_and_rows_are_not_errors():
+    assert mk.nested_cka(torch.randn(0, 5, 4), [2]).shape == (0, 1)
+    assert mk.NestedCKALoss([2])(torch.randn(0, 5, 4)).item() == 0.0
+    assert torch.isnan(mk.cka(torch.randn(3, 0, 4), torch.randn(3, 0, 2))).all()
 
 
 def test_auto_backend_on_cpu_is_the_reference():
