@@ -89,12 +89,17 @@ def test_classification_and_pair_tasks(tiny_bert, tmp_path, rng):
     assert all(0 <= v <= 100 for v in scores["classification"].values())
 
     pairs = tmp_path / "pairs.jsonl"
-    a = _sentences(rng, 20)
-    lines = [{"sentence1": s, "sentence2": s if i % 2 else t, "label": i % 2}
-             for i, (s, t) in enumerate(zip(a, _sentences(rng, 20)))]
-    pairs.write_text("\n".join(json.dumps(line) for line in lines))
-    scores = evaluate(tiny_bert, "pair", str(pairs), dims=[32])
-    assert scores["pair"]["32"] == pytest.approx(100.0)  # identical pairs have cosine 1, the others less
+    a, b = _sentences(rng, 20), _sentences(rng, 20)
+    labels = rng.integers(0, 2, size=20)
+    pairs.write_text("\n".join(json.dumps({"sentence1": s, "sentence2": t, "label": int(y)})
+                               for s, t, y in zip(a, b, labels)))
+    scores = evaluate(tiny_bert, "pair", str(pairs), dims=[8, 32])
+    encoder = Encoder.from_pretrained(tiny_bert)
+    ea, eb = encoder.encode(a)[0], encoder.encode(b)[0]
+    for d in (8, 32):
+        sim = F.cosine_similarity(ea[:, :d].double(), eb[:, :d].double()).numpy()
+        brute = max(np.mean((sim >= c) == labels) for c in np.concatenate([sim, [np.inf]]))
+        assert scores["pair"][str(d)] == pytest.approx(100 * brute)
 
 
 def test_eval_errors(tiny_bert, tmp_path, capsys):
