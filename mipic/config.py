@@ -115,6 +115,9 @@ class TrainConfig:
     """The optimisation loop."""
 
     lr: float = 2e-5
+    # Learning rate of the objective's own new parameters (SIA lifts, PIC heads);
+    # None = train.lr. Freshly initialised, they may need more than a pretrained backbone.
+    head_lr: Optional[float] = None
     weight_decay: float = 0.01
     batch_size: int = 16
     epochs: int = 1
@@ -348,6 +351,7 @@ def _check_values(cfg: Config) -> None:
     _check_increasing("objective.mic.layers", c.layers)
 
     _require(t.lr > 0, f"train.lr must be > 0; got {t.lr}")
+    _require(t.head_lr is None or t.head_lr > 0, f"train.head_lr must be > 0 or null; got {t.head_lr}")
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0; got {t.weight_decay}")
     _require(t.batch_size >= 2, f"train.batch_size must be an int >= 2 (in-batch negatives); got {t.batch_size}")
     _require(t.epochs >= 1, f"train.epochs must be an int >= 1; got {t.epochs}")

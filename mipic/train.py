@@ -135,10 +135,16 @@ def train(cfg: Config, output: str | Path, *, resume: bool = False) -> Path:
     steps_per_epoch = batches.per_epoch // t.grad_accum
     total = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
     params = [p for p in list(encoder.parameters()) + list(objective.parameters()) if p.requires_grad]
+    backbone = [p for p in encoder.parameters() if p.requires_grad]
+    heads = [p for p in objective.parameters() if p.requires_grad]
+    head_lr = t.lr if t.head_lr is None else t.head_lr
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, norms
+        {"params": [p for p in backbone if p.dim() >= 2], "weight_decay": t.weight_decay, "lr": t.lr},
+        {"params": [p for p in backbone if p.dim() < 2], "weight_decay": 0.0, "lr": t.lr},  # biases, norms
+        {"params": [p for p in heads if p.dim() >= 2], "weight_decay": t.weight_decay, "lr": head_lr},
+        {"params": [p for p in heads if p.dim() < 2], "weight_decay": 0.0, "lr": head_lr},
     ]
+    groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(t.warmup_ratio * total), total))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)

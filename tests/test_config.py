@@ -55,6 +55,7 @@ def test_shipped_configs_present():
         (_minimal(train={"epochs": True}), "train.epochs must be an int"),
         (_minimal(train={"lr": "fast"}), "train.lr must be a number"),
         (_minimal(train={"lr": -1.0}), "train.lr must be > 0"),
+        (_minimal(train={"head_lr": 0.0}), "train.head_lr must be > 0 or null"),
         (_minimal(train={"lr": float("nan")}), "train.lr must be a number"),
         (_minimal(train={"batch_size": 1}), "train.batch_size must be an int >= 2"),
         (_minimal(train={"warmup_ratio": 1.0}), "train.warmup_ratio must be in [0, 1)"),
