@@ -128,3 +128,14 @@ def test_cli_train_and_its_errors(tiny_bert, sentences, tmp_path, capsys):
     assert main(["train", "--config", str(config), "--output", str(tmp_path / "o"),
                  "--set", "model.name=/nonexistent/model"]) == 2
     assert "model.name '/nonexistent/model' is neither" in capsys.readouterr().err
+
+
+def test_head_lr_applies_to_the_objective_parameters_only(tiny_bert, sentences, tmp_path):
+    train(_config(tiny_bert, sentences, max_steps=2, save_every=1, lr=1e-4, head_lr=3e-3), tmp_path)
+    state = torch.load(latest_checkpoint(tmp_path) / "state.pt", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    n_heads = len(state["objective"])  # lifts and PIC layers: every objective tensor is a parameter
+    assert sum(sizes[2:]) == n_heads and sum(sizes) == n_heads + len(state["model"])
+    assert [g["initial_lr"] for g in groups] == [1e-4, 1e-4, 3e-3, 3e-3]
+    assert groups[2]["lr"] / groups[0]["lr"] == pytest.approx(30.0)  # the schedule scales both alike
