@@ -3,7 +3,8 @@
 One step = forward of both views, every loss term, backward, AdamW update. The CKA term
 runs through ``mipic_kernels`` with the eager backend (``backend="torch"``) unless
 ``--backend`` says otherwise. Times are wall-clock per step (median and the 20th / 80th
-percentiles over ``--repeats`` steps after ``--warmup`` untimed ones); one row per method
+percentiles over ``--repeats`` steps after ``--warmup`` untimed ones; the two methods
+alternate step by step); one row per method
 is appended to the CSV with the device, library versions and date.
 
     HF_HUB_OFFLINE=1 python benchmarks/step_overhead.py --model PATH --batch-size 32 --seq-len 32
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -36,8 +38,8 @@ def _objective_config(method: str, num_layers: int, dims: list[int], backend: st
     return objective
 
 
-def time_steps(model: str, method: str, batch: int, seq_len: int, repeats: int, warmup: int,
-               backend: str, device: str) -> list[float]:
+def make_step(model: str, method: str, batch: int, seq_len: int, backend: str, device: str):
+    """A function that runs one full training step of ``method`` and returns its seconds."""
     from mipic.config import config_from_dict
     from mipic.encoder import Encoder
     from mipic.objectives import Objective
@@ -51,14 +53,12 @@ def time_steps(model: str, method: str, batch: int, seq_len: int, repeats: int, 
     objective = Objective(cfg.objective, dims, hidden, layers)
     encoder.to(device).train()
     objective.to(device)
-    params = list(encoder.parameters()) + list(objective.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(objective.parameters()), lr=1e-5)
     # Long sentences truncated at seq_len: every sequence has exactly seq_len tokens.
     words = "the quick brown fox jumps over the lazy dog while a man plays the guitar".split()
-    texts = [" ".join(words[(i + j) % len(words)] for j in range(4 * seq_len)) for i in range(batch)]
-    texts = [(t,) for t in texts]
-    times = []
-    for i in range(warmup + repeats):
+    texts = [(" ".join(words[(i + j) % len(words)] for j in range(4 * seq_len)),) for i in range(batch)]
+
+    def step() -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -68,9 +68,19 @@ def time_steps(model: str, method: str, batch: int, seq_len: int, repeats: int, 
         optimizer.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+
+    return step
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -100,14 +110,20 @@ def main() -> None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"CPU {platform.processor() or platform.machine()}"
-    rows, base = [], None
-    for method in ("mrl", "mipic"):
-        times = time_steps(model, method, args.batch_size, args.seq_len, args.repeats, args.warmup,
-                           args.backend, args.device)
-        median = statistics.median(times)
-        base = median if method == "mrl" else base
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    methods = ("mrl", "mipic")
+    steps = {m: make_step(model, m, args.batch_size, args.seq_len, args.backend, args.device) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    # Alternate the methods step by step so that a change in machine load hits both alike.
+    for i in range(args.warmup + args.repeats):
+        for m in methods:
+            elapsed = steps[m]()
+            if i >= args.warmup:
+                times[m].append(elapsed)
+    base = statistics.median(times["mrl"])
+    rows = []
+    for method in methods:
+        median = statistics.median(times[method])
         rows.append({
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -115,7 +131,7 @@ def main() -> None:
             "layers": config.num_hidden_layers, "hidden": config.hidden_size, "batch": args.batch_size,
             "seq_len": args.seq_len, "method": method, "cka_backend": args.backend,
             "threads": torch.get_num_threads(), "median_s": round(median, 4),
-            "p20_s": round(_quantile(times, 0.2), 4), "p80_s": round(_quantile(times, 0.8), 4),
+            "p20_s": round(_quantile(times[method], 0.2), 4), "p80_s": round(_quantile(times[method], 0.8), 4),
             "overhead_vs_mrl": round(median / base, 3),
         })
         print(rows[-1], flush=True)
