@@ -1,0 +1,247 @@
+"""Centred HSIC statistics of every (width, token count) block, and the CKA they give.
+
+One program per (example, width) streams its ``n x n`` leading blocks of the two
+Grams in row blocks of ``BM`` rows (all ``KP >= n`` columns at once), forms the
+kernel matrices on the fly (linear: the Gram itself; RBF: ``exp(-dist / (2 s^2))``
+with ``dist`` from the Gram) and reduces them to scalars. The centred matrices are
+never written to memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+
+# Elements of one (BM x KP) register tile: bounds registers per thread.
+_TILE_ELEMENTS = 4096
+
+# Columns of the per-(example, width) statistics record.
+A, B, C, SPREAD_X, SPREAD_Y, TOTAL_X, TOTAL_Y = range(7)
+N_STATS = 7
+
+
+def row_block(k_top: int) -> tuple[int, int]:
+    """(BM, KP): rows per block and the padded column count for ``k_top`` columns."""
+    kp = max(16, triton.next_power_of_2(k_top))
+    return max(1, min(kp, _TILE_ELEMENTS // kp)), kp
+
+
+@triton.jit
+def kernel_tile(g, sq_r, sq_c, bw, rows, cols, valid, RBF: tl.constexpr, UNBIASED: tl.constexpr):
+    """Kernel-matrix tile from a Gram tile; zero outside ``valid`` (and on the diagonal
+    for the unbiased estimator)."""
+    diag = rows[:, None] == cols[None, :]
+    if RBF:
+        dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * g, 0.0)
+        dist = tl.where(diag, 0.0, dist)
+        k = tl.exp(-dist / (2.0 * bw))
+    else:
+        k = g
+    if UNBIASED:
+        k = tl.where(diag, 0.0, k)
+    return tl.where(valid, k, 0.0)
+
+
+@triton.jit
+def centred_tile(k, r_rows, r_cols, total, n, rows, cols, valid, UNBIASED: tl.constexpr):
+    """Biased: the double-centred ``HKH``; unbiased: ``U(K)``, the derivative of
+    ``HSIC_u(K, L)`` in ``L`` (``K~ + S/((n-1)(n-2)) - (r_i + r_j)/(n-2)`` off the diagonal).
+
+    ``HSIC(K, L) = <centred(K), L>`` either way; ``<centred(K), centred(L)>`` too for
+    the biased estimator.
+    """
+    if UNBIASED:
+        p = k + total / ((n - 1.0) * (n - 2.0)) - (r_rows[:, None] + r_cols[None, :]) / (n - 2.0)
+        p = tl.where(rows[:, None] == cols[None, :], 0.0, p)
+    else:
+        p = k - r_rows[:, None] / n - r_cols[None, :] / n + total / (n * n)
+    return tl.where(valid, p, 0.0)
+
+
+@triton.jit
+def _stats_kernel(
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, out_ptr, rs_ptr,
+    W, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
+    n = tl.load(n_ptr + b * W + w).to(tl.int32)
+    # Undefined entries (n too small) are masked later; safe n keeps them finite.
+    if UNBIASED:
+        nf = tl.maximum(n, 4).to(tl.float32)
+    else:
+        nf = tl.maximum(n, 1).to(tl.float32)
+    bwx = tl.load(bw_ptr + (b * W + w) * 2)
+    bwy = tl.load(bw_ptr + (b * W + w) * 2 + 1)
+    gx = gx_ptr + b * sxb + w * sxw
+    gy = gy_ptr + b * syb + w * syw
+    rs = rs_ptr + b * srb + w * srw
+    cols = tl.arange(0, KP)
+    col_ok = cols < n
+    dx_c = tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0)
+    dy_c = tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0)
+
+    # Pass 1: row sums and totals (and, unbiased, every term of Song's bracket).
+    col_x = tl.zeros([KP], dtype=tl.float32)
+    col_y = tl.zeros([KP], dtype=tl.float32)
+    raw_x = 0.0
+    raw_y = 0.0
+    t_x = 0.0
+    t_y = 0.0
+    s_xy = 0.0
+    s_xx = 0.0
+    s_yy = 0.0
+    r_xy = 0.0
+    r_xx = 0.0
+    r_yy = 0.0
+    for r0 in range(0, n, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < n
+        valid = row_ok[:, None] & col_ok[None, :]
+        g1 = tl.load(gx + rows[:, None] * sxi + cols[None, :] * sxj, mask=valid, other=0.0)
+        g2 = tl.load(gy + rows[:, None] * syi + cols[None, :] * syj, mask=valid, other=0.0)
+        dx_r = tl.load(gx + rows * (sxi + sxj), mask=row_ok, other=0.0)
+        dy_r = tl.load(gy + rows * (syi + syj), mask=row_ok, other=0.0)
+        raw_x += tl.sum(tl.sum(g1, axis=1), axis=0)
+        raw_y += tl.sum(tl.sum(g2, axis=1), axis=0)
+        kx = kernel_tile(g1, dx_r, dx_c, bwx, rows, cols, valid, RBF, UNBIASED)
+        ky = kernel_tile(g2, dy_r, dy_c, bwy, rows, cols, valid, RBF, UNBIASED)
+        rx = tl.sum(kx, axis=1)
+        ry = tl.sum(ky, axis=1)
+        tl.store(rs + rows, rx, mask=row_ok)
+        tl.store(rs + srs + rows, ry, mask=row_ok)
+        col_x += tl.sum(kx, axis=0)
+        col_y += tl.sum(ky, axis=0)
+        t_x += tl.sum(rx, axis=0)
+        t_y += tl.sum(ry, axis=0)
+        if UNBIASED:
+            s_xy += tl.sum(tl.sum(kx * ky, axis=1), axis=0)
+            s_xx += tl.sum(tl.sum(kx * kx, axis=1), axis=0)
+            s_yy += tl.sum(tl.sum(ky * ky, axis=1), axis=0)
+            r_xy += tl.sum(rx * ry, axis=0)
+            r_xx += tl.sum(rx * rx, axis=0)
+            r_yy += tl.sum(ry * ry, axis=0)
+
+    if UNBIASED:
+        pairs = (nf - 1.0) * (nf - 2.0)
+        a = s_xy + t_x * t_y / pairs - 2.0 / (nf - 2.0) * r_xy
+        bb = s_xx + t_x * t_x / pairs - 2.0 / (nf - 2.0) * r_xx
+        c = s_yy + t_y * t_y / pairs - 2.0 / (nf - 2.0) * r_yy
+    else:
+        # Pass 2: explicit double centring, as the reference does; the expanded
+        # form (sum K o L - 2/n r.s + totals) cancels badly for RBF kernels in fp32.
+        a = 0.0
+        bb = 0.0
+        c = 0.0
+        for r0 in range(0, n, BM):
+            rows = r0 + tl.arange(0, BM)
+            row_ok = rows < n
+            valid = row_ok[:, None] & col_ok[None, :]
+            g1 = tl.load(gx + rows[:, None] * sxi + cols[None, :] * sxj, mask=valid, other=0.0)
+            g2 = tl.load(gy + rows[:, None] * syi + cols[None, :] * syj, mask=valid, other=0.0)
+            dx_r = tl.load(gx + rows * (sxi + sxj), mask=row_ok, other=0.0)
+            dy_r = tl.load(gy + rows * (syi + syj), mask=row_ok, other=0.0)
+            kx = kernel_tile(g1, dx_r, dx_c, bwx, rows, cols, valid, RBF, UNBIASED)
+            ky = kernel_tile(g2, dy_r, dy_c, bwy, rows, cols, valid, RBF, UNBIASED)
+            px = centred_tile(kx, tl.sum(kx, axis=1), col_x, t_x, nf, rows, cols, valid, UNBIASED)
+            py = centred_tile(ky, tl.sum(ky, axis=1), col_y, t_y, nf, rows, cols, valid, UNBIASED)
+            a += tl.sum(tl.sum(px * py, axis=1), axis=0)
+            bb += tl.sum(tl.sum(px * px, axis=1), axis=0)
+            c += tl.sum(tl.sum(py * py, axis=1), axis=0)
+
+    n_safe = tl.maximum(n, 1).to(tl.float32)
+    out = out_ptr + (b * W + w) * 7  # N_STATS
+    tl.store(out + 0, a)
+    tl.store(out + 1, bb)
+    tl.store(out + 2, c)
+    tl.store(out + 3, tl.sum(dx_c, axis=0) - raw_x / n_safe)
+    tl.store(out + 4, tl.sum(dy_c, axis=0) - raw_y / n_safe)
+    tl.store(out + 5, t_x)
+    tl.store(out + 6, t_y)
+
+
+def bandwidths(
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, *, kernel: str,
+    sigma: Optional[float], rbf_threshold: float,
+) -> torch.Tensor:
+    """``(B, W, 2)`` fp32 RBF bandwidths ``s^2`` of the x and y Grams of every entry.
+
+    With ``sigma=None`` this is ``threshold^2 * median`` of the ``n * n`` squared
+    distances (numpy's median, zero diagonal included), taken with a torch sort of a
+    ``(B, W, k, k)`` distance buffer per side; unusable (zero or non-finite) medians
+    come back as NaN and make the entry undefined.
+    """
+    shape = (*n.shape, 2)
+    if kernel == "linear":
+        return torch.ones(shape, device=n.device, dtype=torch.float32)
+    if sigma is not None:
+        return torch.full(shape, sigma * sigma, device=n.device, dtype=torch.float32)
+    size = gx.shape[-1]
+    rows = (torch.arange(size, device=n.device) < n[..., None]).to(torch.float32)
+    pair = rows[..., :, None] * rows[..., None, :]
+    off_diagonal = 1 - torch.eye(size, device=n.device, dtype=torch.float32)
+    out = []
+    for gram in (gx, gy):
+        sq = torch.diagonal(gram, dim1=-2, dim2=-1)
+        dist = (sq[..., :, None] + sq[..., None, :] - 2 * gram).clamp(min=0) * off_diagonal * pair
+        median = rbf_threshold**2 * reference._masked_median(dist, pair, n.to(torch.float32))
+        out.append(torch.where((median > 0) & torch.isfinite(median), median, math.nan))
+    return torch.stack(out, dim=-1)
+
+
+def hsic_stats(
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, *,
+    kernel: str, unbiased: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics of every entry from the ``(B, W, k, k)`` Gram views ``gx`` and ``gy``
+    (any strides, e.g. a width stride of 0 for the shared full-width Gram).
+
+    Returns ``stats (B, W, N_STATS)`` fp32 (columns ``A`` ... ``TOTAL_Y``) and the
+    kernel-matrix row sums ``(B, W, 2, k)`` fp32 that the backward pass reuses.
+    """
+    batch, widths, size, _ = gx.shape
+    stats = torch.empty(batch, widths, N_STATS, device=gx.device, dtype=torch.float32)
+    rowsums = torch.zeros(batch, widths, 2, size, device=gx.device, dtype=torch.float32)
+    if batch == 0:
+        return stats, rowsums
+    bm, kp = row_block(size)
+    # A NaN bandwidth marks an unusable median; any positive value keeps the kernel finite.
+    bw_safe = torch.nan_to_num(bw, nan=1.0).contiguous()
+    _stats_kernel[(batch, widths)](
+        gx, gy, n.contiguous(), bw_safe, stats, rowsums,
+        widths, *gx.stride(), *gy.stride(), *rowsums.stride()[:3],
+        RBF=kernel == "rbf", UNBIASED=unbiased, KP=kp, BM=bm, num_warps=4,
+    )
+    return stats, rowsums
+
+
+def defined_entries(
+    stats: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, size_x: torch.Tensor,
+    size_y: torch.Tensor, *, kernel: str, unbiased: bool,
+) -> torch.Tensor:
+    """The reference's definedness rule applied to the kernel's statistics."""
+    nf = n.to(torch.float32)
+    tol = nf * torch.finfo(torch.float32).eps
+    spread_x, spread_y = stats[..., SPREAD_X], stats[..., SPREAD_Y]
+    scale_x = spread_x.square() if kernel == "linear" else nf.square()
+    scale_y = spread_y.square() if kernel == "linear" else nf.square()
+    return (
+        (n >= (4 if unbiased else 2))
+        & torch.isfinite(bw).all(-1)
+        & (spread_x > tol * size_x) & (spread_y > tol * size_y)
+        & (stats[..., B] > tol.square() * scale_x) & (stats[..., C] > tol.square() * scale_y)
+    )
+
+
+def cka_values(stats: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
+    """``a / sqrt(b c)`` where defined, NaN elsewhere."""
+    one = torch.ones_like(stats[..., A])
+    denom = torch.sqrt(torch.where(defined, stats[..., B], one) * torch.where(defined, stats[..., C], one))
+    return torch.where(defined, stats[..., A] / denom, torch.full_like(one, math.nan))
