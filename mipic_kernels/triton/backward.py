@@ -1,0 +1,192 @@
+"""Backward pass: per-width coefficient matrices, then one sweep over the columns.
+
+For ``rho = a / sqrt(b c)`` with ``a = HSIC(K, L)``, ``b = HSIC(K, K)``,
+``c = HSIC(L, L)`` and ``P(.)`` the centring of :func:`stats.centred_tile`,
+``d rho / dK = (P(L) - (a / b) P(K)) / sqrt(b c)`` and symmetrically for ``L``.
+A Gram ``G = Z Z^T`` with gradient ``E`` (symmetric) passes ``dZ = 2 E Z``:
+linear ``2 E = 2 dK``; RBF ``2 E = 4 (diag(V 1) - V)`` with
+``V = dK o K / (-2 s^2)`` off the diagonal (the bandwidth is a constant).
+
+The prefix of width ``i`` feeds columns ``:dims[i]`` only, so column segment ``s``
+gets the sum of the coefficients of widths ``>= s``: the coefficient kernel walks
+the widths from the widest down and stores that running sum per segment. The
+shift by the column mean is treated as a constant: CKA is translation invariant,
+so its gradient through the shift vanishes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gram import _load_shifted
+from .stats import A, B, C, N_STATS, TOTAL_X, TOTAL_Y, centred_tile, kernel_tile, row_block
+
+
+@triton.jit
+def _gram_grad(p_self, p_other, k, bw, scale, ratio, rows, cols, valid, RBF: tl.constexpr):
+    """``2 E``, the coefficient of ``Z`` in the gradient, of one Gram tile."""
+    dk = scale * (p_other - ratio * p_self)
+    if RBF:
+        v = tl.where(valid & (rows[:, None] != cols[None, :]), dk * k / (-2.0 * bw), 0.0)
+        row = tl.sum(v, axis=1)
+        return 4.0 * (tl.where(rows[:, None] == cols[None, :], row[:, None], 0.0) - v)
+    return tl.where(valid, 2.0 * dk, 0.0)
+
+
+@triton.jit
+def _coef_kernel(
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, coef_ptr,
+    W, K, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs, scb, scs, sci, scj,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
+    KP: tl.constexpr, BM: tl.constexpr,
+):
+    """Rows ``[pid1 * BM, +BM)`` of the coefficient of every column segment.
+
+    ``scale[b, w]`` is ``upstream gradient / sqrt(b c)`` and 0 for undefined entries.
+    Slot ``w < W`` receives the running sum over widths ``>= w``; with
+    ``FULL_GRAD`` slot ``W`` receives the full-width Gram's coefficient, which
+    applies to every column.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, KP)
+    store_ok = (rows[:, None] < K) & (cols[None, :] < K)
+    run = tl.zeros([BM, KP], dtype=tl.float32)
+    full = tl.zeros([BM, KP], dtype=tl.float32)
+    for step in range(0, W):
+        w = W - 1 - step
+        entry = b * W + w
+        n = tl.load(n_ptr + entry).to(tl.int32)
+        scale = tl.load(scale_ptr + entry)
+        if (scale != 0.0) & (tl.program_id(1) * BM < n):
+            if UNBIASED:
+                nf = tl.maximum(n, 4).to(tl.float32)
+            else:
+                nf = tl.maximum(n, 1).to(tl.float32)
+            a = tl.load(stats_ptr + entry * N_STATS + A)
+            b_x = tl.load(stats_ptr + entry * N_STATS + B)
+            c_y = tl.load(stats_ptr + entry * N_STATS + C)
+            t_x = tl.load(stats_ptr + entry * N_STATS + TOTAL_X)
+            t_y = tl.load(stats_ptr + entry * N_STATS + TOTAL_Y)
+            bwx = tl.load(bw_ptr + entry * 2)
+            bwy = tl.load(bw_ptr + entry * 2 + 1)
+            row_ok = rows < n
+            col_ok = cols < n
+            valid = row_ok[:, None] & col_ok[None, :]
+            gx = gx_ptr + b * sxb + w * sxw
+            gy = gy_ptr + b * syb + w * syw
+            rs = rs_ptr + b * srb + w * srw
+            g1 = tl.load(gx + rows[:, None] * sxi + cols[None, :] * sxj, mask=valid, other=0.0)
+            g2 = tl.load(gy + rows[:, None] * syi + cols[None, :] * syj, mask=valid, other=0.0)
+            kx = kernel_tile(
+                g1, tl.load(gx + rows * (sxi + sxj), mask=row_ok, other=0.0),
+                tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0),
+                bwx, rows, cols, valid, RBF, UNBIASED,
+            )
+            ky = kernel_tile(
+                g2, tl.load(gy + rows * (syi + syj), mask=row_ok, other=0.0),
+                tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0),
+                bwy, rows, cols, valid, RBF, UNBIASED,
+            )
+            px = centred_tile(
+                kx, tl.load(rs + rows, mask=row_ok, other=0.0), tl.load(rs + cols, mask=col_ok, other=0.0),
+                t_x, nf, rows, cols, valid, UNBIASED,
+            )
+            py = centred_tile(
+                ky, tl.load(rs + srs + rows, mask=row_ok, other=0.0),
+                tl.load(rs + srs + cols, mask=col_ok, other=0.0), t_y, nf, rows, cols, valid, UNBIASED,
+            )
+            run += _gram_grad(px, py, kx, bwx, scale, a / b_x, rows, cols, valid, RBF)
+            if FULL_GRAD:
+                full += _gram_grad(py, px, ky, bwy, scale, a / c_y, rows, cols, valid, RBF)
+        out = coef_ptr + b * scb + w * scs + rows[:, None] * sci + cols[None, :] * scj
+        tl.store(out, run, mask=store_ok)
+    if FULL_GRAD:
+        out = coef_ptr + b * scb + W * scs + rows[:, None] * sci + cols[None, :] * scj
+        tl.store(out, full, mask=store_ok)
+
+
+@triton.jit
+def _dx_kernel(
+    x_ptr, order_ptr, kmax_ptr, shift_ptr, bounds_ptr, coef_ptr, dx_ptr,
+    D, sxb, sxt, sxd, sob, sot, scb, scs, sci, scj, sdb, sdt, sdd,
+    N_SEG: tl.constexpr, N_PREFIX: tl.constexpr, FULL_GRAD: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``dx[b, order[b, r], cols] = sum_s (coef_s Z)[r, cols in segment s]`` for rows
+    ``r`` of one row block and one column block; the rows are distinct positions, so
+    plain stores suffice (no atomics)."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    c_lo = tl.program_id(2) * BLOCK_D
+    cols = c_lo + tl.arange(0, BLOCK_D)
+    kmax = tl.load(kmax_ptr + b)
+    row_ok = rows < kmax
+    acc = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
+    coef = coef_ptr + b * scb
+    for s in tl.static_range(N_SEG):
+        if s < N_PREFIX or FULL_GRAD:
+            lo = tl.load(bounds_ptr + s)
+            hi = tl.load(bounds_ptr + s + 1)
+            if (lo < c_lo + BLOCK_D) & (hi > c_lo):
+                col_ok = (cols >= lo) & (cols < hi)
+                for j0 in range(0, kmax, BK):
+                    js = j0 + tl.arange(0, BK)
+                    j_ok = js < kmax
+                    tile_ok = row_ok[:, None] & j_ok[None, :]
+                    offs = rows[:, None] * sci + js[None, :] * scj
+                    c = tl.zeros([BM, BK], dtype=tl.float32)
+                    if s < N_PREFIX:
+                        c += tl.load(coef + s * scs + offs, mask=tile_ok, other=0.0)
+                    if FULL_GRAD:
+                        c += tl.load(coef + N_PREFIX * scs + offs, mask=tile_ok, other=0.0)
+                    pos = tl.load(order_ptr + b * sob + js * sot, mask=j_ok, other=0)
+                    _, z = _load_shifted(x_ptr, b, sxb, sxt, sxd, pos, j_ok, shift_ptr, D, cols, col_ok)
+                    acc += tl.dot(c, z, input_precision="ieee")
+    pos_r = tl.load(order_ptr + b * sob + rows * sot, mask=row_ok, other=0)
+    out = dx_ptr + b * sdb + pos_r[:, None] * sdt + cols[None, :] * sdd
+    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
+
+
+def coefficients(
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, stats: torch.Tensor,
+    rowsums: torch.Tensor, scale: torch.Tensor, *, kernel: str, unbiased: bool, full_grad: bool,
+) -> torch.Tensor:
+    """``(B, W + full_grad, k, k)`` fp32 coefficients: slot ``w`` the running sum of the
+    x-side coefficients of widths ``>= w``, slot ``W`` the y side (with ``full_grad``)."""
+    batch, widths, size, _ = gx.shape
+    coef = torch.empty(batch, widths + int(full_grad), size, size, device=gx.device, dtype=torch.float32)
+    if batch == 0:
+        return coef
+    bm, kp = row_block(size)
+    _coef_kernel[(batch, triton.cdiv(size, bm))](
+        gx, gy, n.contiguous(), torch.nan_to_num(bw, nan=1.0).contiguous(), stats, rowsums,
+        scale.contiguous(), coef, widths, size, *gx.stride(), *gy.stride(),
+        *rowsums.stride()[:3], *coef.stride(),
+        RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=4,
+    )
+    return coef
+
+
+def input_grad(
+    x: torch.Tensor, order: torch.Tensor, kmax: torch.Tensor, shift: torch.Tensor,
+    bounds: tuple[int, ...], coef: torch.Tensor, *, n_prefix: int, full_grad: bool,
+) -> torch.Tensor:
+    """Gradient ``(B, T, D)`` in ``x.dtype``: zero except at the selected rows."""
+    batch, _, depth = x.shape
+    dx = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
+    if batch == 0:
+        return dx
+    size = coef.shape[-1]
+    bm = min(64, max(16, triton.next_power_of_2(size)))
+    block_d = min(64, max(16, triton.next_power_of_2(depth)))
+    bounds_t = torch.tensor(bounds, device=x.device, dtype=torch.int64)
+    _dx_kernel[(batch, triton.cdiv(size, bm), triton.cdiv(depth, block_d))](
+        x, order, kmax, shift, bounds_t, coef, dx, depth, *x.stride(), *order.stride(),
+        *coef.stride(), *dx.stride(),
+        N_SEG=len(bounds) - 1, N_PREFIX=n_prefix, FULL_GRAD=full_grad,
+        BM=bm, BK=32, BLOCK_D=block_d, num_warps=4,
+    )
+    return dx
