@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .gram import _load_shifted
-from .stats import A, B, C, N_STATS, TOTAL_X, TOTAL_Y, centred_tile, kernel_tile, row_block
+from .stats import NUM_WARPS, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, ROW, centred_tile, kernel_tile, row_block
 
 
 @triton.jit
@@ -65,11 +65,11 @@ def _coef_kernel(
                 nf = tl.maximum(n, 4).to(tl.float32)
             else:
                 nf = tl.maximum(n, 1).to(tl.float32)
-            a = tl.load(stats_ptr + entry * N_STATS + A)
-            b_x = tl.load(stats_ptr + entry * N_STATS + B)
-            c_y = tl.load(stats_ptr + entry * N_STATS + C)
-            t_x = tl.load(stats_ptr + entry * N_STATS + TOTAL_X)
-            t_y = tl.load(stats_ptr + entry * N_STATS + TOTAL_Y)
+            a = tl.load(stats_ptr + entry * ROW + COL_A)
+            b_x = tl.load(stats_ptr + entry * ROW + COL_B)
+            c_y = tl.load(stats_ptr + entry * ROW + COL_C)
+            t_x = tl.load(stats_ptr + entry * ROW + COL_TOTAL_X)
+            t_y = tl.load(stats_ptr + entry * ROW + COL_TOTAL_Y)
             bwx = tl.load(bw_ptr + entry * 2)
             bwy = tl.load(bw_ptr + entry * 2 + 1)
             row_ok = rows < n
@@ -165,7 +165,7 @@ def coefficients(
         gx, gy, n.contiguous(), torch.nan_to_num(bw, nan=1.0).contiguous(), stats, rowsums,
         scale.contiguous(), coef, widths, size, *gx.stride(), *gy.stride(),
         *rowsums.stride()[:3], *coef.stride(),
-        RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=4,
+        RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=NUM_WARPS,
     )
     return coef
 
@@ -180,6 +180,7 @@ def input_grad(
     if batch == 0:
         return dx
     size = coef.shape[-1]
+    # 64 x 64 output tiles, 16-deep steps over the tokens: no register spills on sm_90.
     bm = min(64, max(16, triton.next_power_of_2(size)))
     block_d = min(64, max(16, triton.next_power_of_2(depth)))
     bounds_t = torch.tensor(bounds, device=x.device, dtype=torch.int64)
@@ -187,6 +188,6 @@ def input_grad(
         x, order, kmax, shift, bounds_t, coef, dx, depth, *x.stride(), *order.stride(),
         *coef.stride(), *dx.stride(),
         N_SEG=len(bounds) - 1, N_PREFIX=n_prefix, FULL_GRAD=full_grad,
-        BM=bm, BK=32, BLOCK_D=block_d, num_warps=4,
+        BM=bm, BK=16, BLOCK_D=block_d, num_warps=8 if bm * block_d >= 4096 else 4,
     )
     return dx

@@ -11,8 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-# The Gram tile is BLOCK x BLOCK rows; 16 is the smallest tile tl.dot accepts.
-_MAX_GRAM_BLOCK = 64
+# The Gram tile is BLOCK x BLOCK rows (16 is the smallest tile tl.dot accepts) over
+# BLOCK_D columns per step. The fp32 "ieee" dot runs on FMA units; 32 x 32 x 16 with
+# 4 warps is the largest tile that compiles without register spills on sm_90.
+_MAX_GRAM_BLOCK = 32
+_GRAM_BLOCK_D = 16
 _SHIFT_BLOCK_R = 32
 
 
@@ -99,8 +102,8 @@ def _gram_kernel(
             tl.store(sq_ptr + b * sqb + s * sqs + ri, sq, mask=ri < K)
 
 
-def gram_block(k_top: int) -> int:
-    """Gram tile edge: the smallest of 16, 32, 64 covering ``k_top`` (64 beyond)."""
+def _gram_block(k_top: int) -> int:
+    """Gram tile edge: 16 for ``k_top <= 16``, else 32."""
     return min(max(16, triton.next_power_of_2(k_top)), _MAX_GRAM_BLOCK)
 
 
@@ -128,11 +131,11 @@ def nested_grams(
         x, order, kmax, shift, depth, *x.stride(), *order.stride(),
         BLOCK_R=_SHIFT_BLOCK_R, BLOCK_D=block_d, num_warps=4,
     )
-    block = gram_block(k_top)
+    block = _gram_block(k_top)
     tiles = triton.cdiv(k_top, block)
     _gram_kernel[(batch, tiles, tiles)](
         x, order, kmax, shift, bounds_t, grams, sq,
         depth, k_top, *x.stride(), *order.stride(), *grams.stride(), sq.stride(0), sq.stride(1),
-        N_SEG=n_seg, BLOCK=block, BLOCK_D=32, num_warps=4 if block < 64 else 8,
+        N_SEG=n_seg, BLOCK=block, BLOCK_D=_GRAM_BLOCK_D, num_warps=4,
     )
     return grams, sq, shift
