@@ -96,19 +96,11 @@ def _stats_kernel(
     dx_c = tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0)
     dy_c = tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0)
 
-    # Pass 1: row sums and totals (and, unbiased, every term of Song's bracket).
+    # Pass 1: row sums and totals of the kernel matrices.
     col_x = tl.zeros([KP], dtype=tl.float32)
     col_y = tl.zeros([KP], dtype=tl.float32)
     raw_x = 0.0
     raw_y = 0.0
-    t_x = 0.0
-    t_y = 0.0
-    s_xy = 0.0
-    s_xx = 0.0
-    s_yy = 0.0
-    r_xy = 0.0
-    r_xx = 0.0
-    r_yy = 0.0
     for r0 in range(0, n, BM):
         rows = r0 + tl.arange(0, BM)
         row_ok = rows < n
@@ -121,48 +113,35 @@ def _stats_kernel(
         raw_y += tl.sum(tl.sum(g2, axis=1), axis=0)
         kx = kernel_tile(g1, dx_r, dx_c, bwx, rows, cols, valid, RBF, UNBIASED)
         ky = kernel_tile(g2, dy_r, dy_c, bwy, rows, cols, valid, RBF, UNBIASED)
-        rx = tl.sum(kx, axis=1)
-        ry = tl.sum(ky, axis=1)
-        tl.store(rs + rows, rx, mask=row_ok)
-        tl.store(rs + srs + rows, ry, mask=row_ok)
+        tl.store(rs + rows, tl.sum(kx, axis=1), mask=row_ok)
+        tl.store(rs + srs + rows, tl.sum(ky, axis=1), mask=row_ok)
         col_x += tl.sum(kx, axis=0)
         col_y += tl.sum(ky, axis=0)
-        t_x += tl.sum(rx, axis=0)
-        t_y += tl.sum(ry, axis=0)
-        if UNBIASED:
-            s_xy += tl.sum(tl.sum(kx * ky, axis=1), axis=0)
-            s_xx += tl.sum(tl.sum(kx * kx, axis=1), axis=0)
-            s_yy += tl.sum(tl.sum(ky * ky, axis=1), axis=0)
-            r_xy += tl.sum(rx * ry, axis=0)
-            r_xx += tl.sum(rx * rx, axis=0)
-            r_yy += tl.sum(ry * ry, axis=0)
+    t_x = tl.sum(col_x, axis=0)
+    t_y = tl.sum(col_y, axis=0)
 
-    if UNBIASED:
-        pairs = (nf - 1.0) * (nf - 2.0)
-        a = s_xy + t_x * t_y / pairs - 2.0 / (nf - 2.0) * r_xy
-        bb = s_xx + t_x * t_x / pairs - 2.0 / (nf - 2.0) * r_xx
-        c = s_yy + t_y * t_y / pairs - 2.0 / (nf - 2.0) * r_yy
-    else:
-        # Pass 2: explicit double centring, as the reference does; the expanded
-        # form (sum K o L - 2/n r.s + totals) cancels badly for RBF kernels in fp32.
-        a = 0.0
-        bb = 0.0
-        c = 0.0
-        for r0 in range(0, n, BM):
-            rows = r0 + tl.arange(0, BM)
-            row_ok = rows < n
-            valid = row_ok[:, None] & col_ok[None, :]
-            g1 = tl.load(gx + rows[:, None] * sxi + cols[None, :] * sxj, mask=valid, other=0.0)
-            g2 = tl.load(gy + rows[:, None] * syi + cols[None, :] * syj, mask=valid, other=0.0)
-            dx_r = tl.load(gx + rows * (sxi + sxj), mask=row_ok, other=0.0)
-            dy_r = tl.load(gy + rows * (syi + syj), mask=row_ok, other=0.0)
-            kx = kernel_tile(g1, dx_r, dx_c, bwx, rows, cols, valid, RBF, UNBIASED)
-            ky = kernel_tile(g2, dy_r, dy_c, bwy, rows, cols, valid, RBF, UNBIASED)
-            px = centred_tile(kx, tl.sum(kx, axis=1), col_x, t_x, nf, rows, cols, valid, UNBIASED)
-            py = centred_tile(ky, tl.sum(ky, axis=1), col_y, t_y, nf, rows, cols, valid, UNBIASED)
-            a += tl.sum(tl.sum(px * py, axis=1), axis=0)
-            bb += tl.sum(tl.sum(px * px, axis=1), axis=0)
-            c += tl.sum(tl.sum(py * py, axis=1), axis=0)
+    # Pass 2: inner products of the centred matrices. Biased: double centring, as the
+    # reference does. Unbiased: U-centring, an orthogonal projection, so
+    # <U(K), U(L)> equals Song's bracket <U(K), L~>; the centred form avoids the
+    # cancellation of the expanded bracket (sum K o L + totals - row sums) in fp32.
+    a = 0.0
+    bb = 0.0
+    c = 0.0
+    for r0 in range(0, n, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < n
+        valid = row_ok[:, None] & col_ok[None, :]
+        g1 = tl.load(gx + rows[:, None] * sxi + cols[None, :] * sxj, mask=valid, other=0.0)
+        g2 = tl.load(gy + rows[:, None] * syi + cols[None, :] * syj, mask=valid, other=0.0)
+        dx_r = tl.load(gx + rows * (sxi + sxj), mask=row_ok, other=0.0)
+        dy_r = tl.load(gy + rows * (syi + syj), mask=row_ok, other=0.0)
+        kx = kernel_tile(g1, dx_r, dx_c, bwx, rows, cols, valid, RBF, UNBIASED)
+        ky = kernel_tile(g2, dy_r, dy_c, bwy, rows, cols, valid, RBF, UNBIASED)
+        px = centred_tile(kx, tl.sum(kx, axis=1), col_x, t_x, nf, rows, cols, valid, UNBIASED)
+        py = centred_tile(ky, tl.sum(ky, axis=1), col_y, t_y, nf, rows, cols, valid, UNBIASED)
+        a += tl.sum(tl.sum(px * py, axis=1), axis=0)
+        bb += tl.sum(tl.sum(px * px, axis=1), axis=0)
+        c += tl.sum(tl.sum(py * py, axis=1), axis=0)
 
     n_safe = tl.maximum(n, 1).to(tl.float32)
     out = out_ptr + (b * W + w) * ROW
