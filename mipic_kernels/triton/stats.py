@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 
 # Elements of one (BM x KP) register tile. With 8 warps this keeps the coefficient
 # kernel (about a dozen live tiles) within 255 registers per thread without spills
@@ -154,6 +153,60 @@ def _stats_kernel(
     tl.store(out + COL_TOTAL_Y, t_y)
 
 
+@triton.jit
+def _median_kernel(
+    g_ptr, n_ptr, out_ptr, W, sgb, sgw, sgi, sgj, scale,
+    KP: tl.constexpr, BM: tl.constexpr,
+):
+    """``scale * median`` of the ``n * n`` squared distances of one Gram's leading
+    block (numpy's median: mean of the two middle values), NaN when not positive.
+
+    Exact selection by bisection on the bit patterns of the (non-negative) fp32
+    distances, whose integer order is their numeric order: 31 counting sweeps over
+    the block find the two middle values at once. Nothing is written but the result.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
+    n = tl.load(n_ptr + b * W + w).to(tl.int32)
+    g = g_ptr + b * sgb + w * sgw
+    cols = tl.arange(0, KP)
+    col_ok = cols < n
+    sq_c = tl.load(g + cols * (sgi + sgj), mask=col_ok, other=0.0)
+    # 0-based ranks of the two middle values; searched as "smallest v with more
+    # than rank values <= v".
+    need_lo = (n * n - 1) // 2 + 1
+    need_hi = (n * n) // 2 + 1
+    lo_a = 0
+    hi_a = 0x7F800000  # +inf
+    lo_b = 0
+    hi_b = 0x7F800000
+    for _ in range(31):
+        mid_a = lo_a + (hi_a - lo_a) // 2
+        mid_b = lo_b + (hi_b - lo_b) // 2
+        count_a = 0
+        count_b = 0
+        for r0 in range(0, n, BM):
+            rows = r0 + tl.arange(0, BM)
+            row_ok = rows < n
+            valid = row_ok[:, None] & col_ok[None, :]
+            tile = tl.load(g + rows[:, None] * sgi + cols[None, :] * sgj, mask=valid, other=0.0)
+            sq_r = tl.load(g + rows * (sgi + sgj), mask=row_ok, other=0.0)
+            dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * tile, 0.0)
+            dist = tl.where(rows[:, None] == cols[None, :], 0.0, dist)
+            bits = dist.to(tl.int32, bitcast=True)
+            count_a += tl.sum(tl.sum(tl.where(valid & (bits <= mid_a), 1, 0), axis=1), axis=0)
+            count_b += tl.sum(tl.sum(tl.where(valid & (bits <= mid_b), 1, 0), axis=1), axis=0)
+        hi_a = tl.where(count_a >= need_lo, mid_a, hi_a)
+        lo_a = tl.where(count_a >= need_lo, lo_a, mid_a + 1)
+        hi_b = tl.where(count_b >= need_hi, mid_b, hi_b)
+        lo_b = tl.where(count_b >= need_hi, lo_b, mid_b + 1)
+    v_lo = hi_a.to(tl.float32, bitcast=True)
+    v_hi = hi_b.to(tl.float32, bitcast=True)
+    median = scale * (0.5 * v_lo + 0.5 * v_hi)
+    ok = (median > 0.0) & (median < float("inf")) & (n > 0)
+    tl.store(out_ptr + b * W + w, tl.where(ok, median, float("nan")))
+
+
 def bandwidths(
     gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, *, kernel: str,
     sigma: Optional[float], rbf_threshold: float,
@@ -161,26 +214,25 @@ def bandwidths(
     """``(B, W, 2)`` fp32 RBF bandwidths ``s^2`` of the x and y Grams of every entry.
 
     With ``sigma=None`` this is ``threshold^2 * median`` of the ``n * n`` squared
-    distances (numpy's median, zero diagonal included), taken with a torch sort of a
-    ``(B, W, k, k)`` distance buffer per side; unusable (zero or non-finite) medians
-    come back as NaN and make the entry undefined.
+    distances (numpy's median, zero diagonal included) from :func:`_median_kernel`;
+    unusable (zero or non-finite) medians come back as NaN and make the entry
+    undefined.
     """
-    shape = (*n.shape, 2)
+    batch, widths, size, _ = gx.shape
+    shape = (batch, widths, 2)
     if kernel == "linear":
-        return torch.ones(shape, device=n.device, dtype=torch.float32)
+        return torch.ones(shape, device=gx.device, dtype=torch.float32)
     if sigma is not None:
-        return torch.full(shape, sigma * sigma, device=n.device, dtype=torch.float32)
-    size = gx.shape[-1]
-    rows = (torch.arange(size, device=n.device) < n[..., None]).to(torch.float32)
-    pair = rows[..., :, None] * rows[..., None, :]
-    off_diagonal = 1 - torch.eye(size, device=n.device, dtype=torch.float32)
-    out = []
-    for gram in (gx, gy):
-        sq = torch.diagonal(gram, dim1=-2, dim2=-1)
-        dist = (sq[..., :, None] + sq[..., None, :] - 2 * gram).clamp(min=0) * off_diagonal * pair
-        median = rbf_threshold**2 * reference._masked_median(dist, pair, n.to(torch.float32))
-        out.append(torch.where((median > 0) & torch.isfinite(median), median, math.nan))
-    return torch.stack(out, dim=-1)
+        return torch.full(shape, sigma * sigma, device=gx.device, dtype=torch.float32)
+    out = torch.empty(2, batch, widths, device=gx.device, dtype=torch.float32)
+    if batch > 0:
+        bm, kp = row_block(size)
+        for side, gram in enumerate((gx, gy)):
+            _median_kernel[(batch, widths)](
+                gram, n.contiguous(), out[side], widths, *gram.stride(), rbf_threshold**2,
+                KP=kp, BM=bm, num_warps=NUM_WARPS,
+            )
+    return out.permute(1, 2, 0)
 
 
 def hsic_stats(
