@@ -129,21 +129,27 @@ def _cka_backward(
     grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n: torch.Tensor,
     value: torch.Tensor, grams_x: torch.Tensor, shift_x: torch.Tensor, bw: torch.Tensor,
     stats: torch.Tensor, rowsums: torch.Tensor, grams_y: torch.Tensor, shift_y: torch.Tensor,
-    kernel: str, unbiased: bool,
+    kernel: str, unbiased: bool, need_x: bool, need_y: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients wrt ``x`` and ``y``; an input that needs none gets an empty tensor."""
     sx = launch.Saved(grams_x, shift_x, bw, stats, rowsums)
     sy = launch.Saved(grams_y, shift_y, bw, stats, rowsums)
     dx, dy = launch.cka_backward(
-        grad, x, y, order, n, value, sx, sy, kernel=kernel, unbiased=unbiased, need_y=True
+        grad, x, y, order, n, value, sx, sy, kernel=kernel, unbiased=unbiased,
+        need_x=need_x, need_y=need_y,
     )
-    return dx, dy
+    none = x.new_empty(0)
+    return (none if dx is None else dx), (none if dy is None else dy)
 
 
 @_cka_backward.register_fake
 def _(grad, x, y, order, n, value, grams_x, shift_x, bw, stats, rowsums, grams_y, shift_y,
-      kernel, unbiased):
+      kernel, unbiased, need_x, need_y):
     fmt = torch.contiguous_format
-    return torch.empty_like(x, memory_format=fmt), torch.empty_like(y, memory_format=fmt)
+    return (
+        torch.empty_like(x, memory_format=fmt) if need_x else x.new_empty(0),
+        torch.empty_like(y, memory_format=fmt) if need_y else x.new_empty(0),
+    )
 
 
 def _cka_setup(ctx, inputs, output):
@@ -154,8 +160,9 @@ def _cka_setup(ctx, inputs, output):
 
 def _cka_backward_autograd(ctx, grad, *_unused):
     kernel, unbiased = ctx.options
-    dx, dy = _cka_backward(grad, *ctx.saved_tensors, kernel, unbiased)
-    return dx, dy, None, None, None, None, None, None
+    need_x, need_y = ctx.needs_input_grad[:2]
+    dx, dy = _cka_backward(grad, *ctx.saved_tensors, kernel, unbiased, need_x, need_y)
+    return (dx if need_x else None), (dy if need_y else None), None, None, None, None, None, None
 
 
 torch.library.register_autograd(f"{_NS}::cka", _cka_backward_autograd, setup_context=_cka_setup)

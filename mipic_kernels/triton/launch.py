@@ -110,17 +110,19 @@ def cka_forward(
 
 def cka_backward(
     grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n: torch.Tensor,
-    value: torch.Tensor, sx: Saved, sy: Saved, *, kernel: str, unbiased: bool, need_y: bool,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Gradients wrt ``x`` and (with ``need_y``) ``y`` of ``sum(grad * value)``."""
-    counts = n[:, None]
+    value: torch.Tensor, sx: Saved, sy: Saved, *, kernel: str, unbiased: bool,
+    need_x: bool, need_y: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients wrt ``x`` and ``y`` of ``sum(grad * value)``, each only where needed."""
+    # The y side's coefficient is the "full-width" slot of the coefficient kernel.
     coef = coefficients(
-        sx.grams, sy.grams, counts, sx.bw, sx.stats, sx.rowsums,
+        sx.grams, sy.grams, n[:, None], sx.bw, sx.stats, sx.rowsums,
         _scale(grad[:, None], value[:, None], sx.stats), kernel=kernel, unbiased=unbiased,
         full_grad=need_y,
     )
-    dx = input_grad(x, order, n, sx.shift, (0, x.shape[-1]), coef, n_prefix=1, full_grad=False)
-    if not need_y:
-        return dx, None
-    dy = input_grad(y, order, n, sy.shift, (0, y.shape[-1]), coef[:, 1:], n_prefix=1, full_grad=False)
+    dx = dy = None
+    if need_x:
+        dx = input_grad(x, order, n, sx.shift, (0, x.shape[-1]), coef, n_prefix=1, full_grad=False)
+    if need_y:
+        dy = input_grad(y, order, n, sy.shift, (0, y.shape[-1]), coef[:, 1:], n_prefix=1, full_grad=False)
     return dx, dy
