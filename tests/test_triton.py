@@ -244,3 +244,20 @@ def test_cka_gradient_for_one_input_only():
     y.grad = None
     mk.cka(x.clone().requires_grad_(), y, kernel="rbf", backend="triton").sum().backward()
     torch.testing.assert_close(y.grad, expected)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf - inf
+def test_non_finite_input_poisons_only_its_example():
+    x = _states(2, 9, 12, seed=100)
+    x[0, 2, 7] = float("inf")
+    x[1, 8, 3] = float("nan")
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 8] = False
+    x = x.to(DEVICE).requires_grad_()
+    value = mk.nested_cka(x, (4, 8), mask=mask.to(DEVICE), detach_full=False, backend="triton")
+    value.backward(torch.ones_like(value))
+    assert torch.isnan(value[0]).all() and torch.isfinite(value[1]).all()
+    grad = x.grad.cpu()
+    assert grad[0].isnan().any(0).nonzero().flatten().tolist() == [7]
+    assert (grad[0].nan_to_num(0) == 0).all()
+    assert torch.isfinite(grad[1]).all() and (grad[1] != 0).any()
