@@ -261,3 +261,18 @@ def test_non_finite_input_poisons_only_its_example():
     assert grad[0].isnan().any(0).nonzero().flatten().tolist() == [7]
     assert (grad[0].nan_to_num(0) == 0).all()
     assert torch.isfinite(grad[1]).all() and (grad[1] != 0).any()
+
+
+def test_unbiased_self_hsic_vanishing_for_spread_out_tokens_is_nan():
+    x = torch.zeros(2, 6, 3)
+    # One token away from five that coincide: the U-centred linear Gram is 0, and
+    # the RBF median distance is 0.
+    x[:, 0, 0] = 1.0
+    x[1] += torch.randn(6, 3, generator=_gen(110))
+    y = torch.randn(2, 6, 4, generator=_gen(111))
+    for kernel in ("linear", "rbf"):
+        def fn(x, y, backend):
+            return mk.cka(x, y, kernel=kernel, unbiased=True, backend=backend)
+
+        value = _compare(fn, [x, y], seed=112)
+        assert torch.isnan(value[0]) and torch.isfinite(value[1])
