@@ -276,3 +276,16 @@ def test_unbiased_self_hsic_vanishing_for_spread_out_tokens_is_nan():
 
         value = _compare(fn, [x, y], seed=112)
         assert torch.isnan(value[0]) and torch.isfinite(value[1])
+
+
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[3]], ids=str)
+def test_nested_cka_loss_module(opts):
+    x = _states(3, 2, 12, 20, seed=120)
+    mask = _mask((3, 2), 12, seed=121)
+
+    def fn(x, backend):
+        loss = mk.NestedCKALoss((4, 11, 20), weights=[0.5, 1.0, 2.0], k=[0.5, 0.7, 1.0],
+                                k_min=4, backend=backend, **opts)
+        return loss(x, scores="cls", mask=mask.to(x.device))
+
+    _compare(fn, [x], seed=122)
