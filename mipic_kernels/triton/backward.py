@@ -8,8 +8,8 @@ linear ``2 E = 2 dK``; RBF ``2 E = 4 (diag(V 1) - V)`` with
 ``V = dK o K / (-2 s^2)`` off the diagonal (the bandwidth is a constant).
 
 The prefix of width ``i`` feeds columns ``:dims[i]`` only, so column segment ``s``
-gets the sum of the coefficients of widths ``>= s``: the coefficient kernel walks
-the widths from the widest down and stores that running sum per segment. The
+gets the sum of the coefficients of widths ``>= s`` (a reverse cumulative sum over
+the per-width coefficients of the coefficient kernel). The
 shift by the column mean is treated as a constant: CKA is translation invariant,
 so its gradient through the shift vanishes.
 """
@@ -21,13 +21,12 @@ import triton
 import triton.language as tl
 
 from .gram import _load_shifted
-from .stats import NUM_WARPS, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, ROW, centred_tile, kernel_tile, row_block
+from .stats import NUM_WARPS, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, ROW, centred_tile, load_kernel_tile, row_block
 
 
 @triton.jit
-def _gram_grad(p_self, p_other, k, bw, scale, ratio, rows, cols, valid, RBF: tl.constexpr):
-    """``2 E``, the coefficient of ``Z`` in the gradient, of one Gram tile."""
-    dk = scale * (p_other - ratio * p_self)
+def _gram_grad(dk, k, bw, rows, cols, valid, RBF: tl.constexpr):
+    """``2 E``, the coefficient of ``Z`` in the gradient, from the kernel gradient ``dk``."""
     if RBF:
         v = tl.where(valid & (rows[:, None] != cols[None, :]), dk * k / (-2.0 * bw), 0.0)
         row = tl.sum(v, axis=1)
@@ -36,76 +35,95 @@ def _gram_grad(p_self, p_other, k, bw, scale, ratio, rows, cols, valid, RBF: tl.
 
 
 @triton.jit
+def _kernel_grads(
+    gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, row_ok, col_ok, sqx_c, sqy_c,
+    bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF: tl.constexpr, UNBIASED: tl.constexpr,
+):
+    """Kernel tiles ``K``, ``L`` and the unprojected gradients ``dK``, ``dL`` of a row block."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    _, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, sqx_c, bwx, RBF, UNBIASED)
+    _, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, sqy_c, bwy, RBF, UNBIASED)
+    px = centred_tile(
+        kx, tl.load(rs + rows, mask=row_ok, other=0.0), tl.load(rs + cols, mask=col_ok, other=0.0),
+        t_x, nf, rows, cols, valid, UNBIASED,
+    )
+    py = centred_tile(
+        ky, tl.load(rs + srs + rows, mask=row_ok, other=0.0),
+        tl.load(rs + srs + cols, mask=col_ok, other=0.0), t_y, nf, rows, cols, valid, UNBIASED,
+    )
+    return kx, ky, scale * (py - ratio_x * px), scale * (px - ratio_y * py)
+
+
+@triton.jit
 def _coef_kernel(
-    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, coef_ptr,
-    W, K, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs, scb, scs, sci, scj,
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, ex_ptr, ey_ptr,
+    W, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs, seb, sew, sei, sej,
     RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
     KP: tl.constexpr, BM: tl.constexpr,
 ):
-    """Rows ``[pid1 * BM, +BM)`` of the coefficient of every column segment.
+    """Coefficients of entry ``(b, w)``: ``ex[b, w]`` for its prefix Gram and, with
+    ``FULL_GRAD``, ``ey[b, w]`` for the full-width Gram (both pre-zeroed).
 
     ``scale[b, w]`` is ``upstream gradient / sqrt(b c)`` and 0 for undefined entries.
-    Slot ``w < W`` receives the running sum over widths ``>= w``; with
-    ``FULL_GRAD`` slot ``W`` receives the full-width Gram's coefficient, which
-    applies to every column.
+    ``dK`` is centred in exact arithmetic; in fp32 it carries rounding from ``K``
+    amplified by the centring, and centring it again (pass 2, as autograd through the
+    reference does implicitly) removes the part of that error that is not centred,
+    which would otherwise reach the gradient.
     """
     b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    cols = tl.arange(0, KP)
-    store_ok = (rows[:, None] < K) & (cols[None, :] < K)
-    run = tl.zeros([BM, KP], dtype=tl.float32)
-    full = tl.zeros([BM, KP], dtype=tl.float32)
-    for step in range(0, W):
-        w = W - 1 - step
-        entry = b * W + w
-        n = tl.load(n_ptr + entry).to(tl.int32)
-        scale = tl.load(scale_ptr + entry)
-        if (scale != 0.0) & (tl.program_id(1) * BM < n):
-            if UNBIASED:
-                nf = tl.maximum(n, 4).to(tl.float32)
-            else:
-                nf = tl.maximum(n, 1).to(tl.float32)
-            a = tl.load(stats_ptr + entry * ROW + COL_A)
-            b_x = tl.load(stats_ptr + entry * ROW + COL_B)
-            c_y = tl.load(stats_ptr + entry * ROW + COL_C)
-            t_x = tl.load(stats_ptr + entry * ROW + COL_TOTAL_X)
-            t_y = tl.load(stats_ptr + entry * ROW + COL_TOTAL_Y)
-            bwx = tl.load(bw_ptr + entry * 2)
-            bwy = tl.load(bw_ptr + entry * 2 + 1)
+    w = tl.program_id(1)
+    entry = b * W + w
+    n = tl.load(n_ptr + entry).to(tl.int32)
+    scale = tl.load(scale_ptr + entry)
+    if scale != 0.0:
+        if UNBIASED:
+            nf = tl.maximum(n, 4).to(tl.float32)
+        else:
+            nf = tl.maximum(n, 1).to(tl.float32)
+        a = tl.load(stats_ptr + entry * ROW + COL_A)
+        ratio_x = a / tl.load(stats_ptr + entry * ROW + COL_B)
+        ratio_y = a / tl.load(stats_ptr + entry * ROW + COL_C)
+        t_x = tl.load(stats_ptr + entry * ROW + COL_TOTAL_X)
+        t_y = tl.load(stats_ptr + entry * ROW + COL_TOTAL_Y)
+        bwx = tl.load(bw_ptr + entry * 2)
+        bwy = tl.load(bw_ptr + entry * 2 + 1)
+        gx = gx_ptr + b * sxb + w * sxw
+        gy = gy_ptr + b * syb + w * syw
+        rs = rs_ptr + b * srb + w * srw
+        cols = tl.arange(0, KP)
+        col_ok = cols < n
+        sqx_c = tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0)
+        sqy_c = tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0)
+
+        # Pass 1: column sums of dK and dL.
+        col_k = tl.zeros([KP], dtype=tl.float32)
+        col_l = tl.zeros([KP], dtype=tl.float32)
+        for r0 in range(0, n, BM):
+            rows = r0 + tl.arange(0, BM)
+            _, _, dk, dl = _kernel_grads(
+                gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, rows < n, col_ok, sqx_c, sqy_c,
+                bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
+            )
+            col_k += tl.sum(dk, axis=0)
+            col_l += tl.sum(dl, axis=0)
+        tot_k = tl.sum(col_k, axis=0)
+        tot_l = tl.sum(col_l, axis=0)
+
+        # Pass 2: centre dK (dL) again and turn it into the Gram coefficient.
+        for r0 in range(0, n, BM):
+            rows = r0 + tl.arange(0, BM)
             row_ok = rows < n
-            col_ok = cols < n
             valid = row_ok[:, None] & col_ok[None, :]
-            gx = gx_ptr + b * sxb + w * sxw
-            gy = gy_ptr + b * syb + w * syw
-            rs = rs_ptr + b * srb + w * srw
-            g1 = tl.load(gx + rows[:, None] * sxi + cols[None, :] * sxj, mask=valid, other=0.0)
-            g2 = tl.load(gy + rows[:, None] * syi + cols[None, :] * syj, mask=valid, other=0.0)
-            kx = kernel_tile(
-                g1, tl.load(gx + rows * (sxi + sxj), mask=row_ok, other=0.0),
-                tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0),
-                bwx, rows, cols, valid, RBF, UNBIASED,
+            kx, ky, dk, dl = _kernel_grads(
+                gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, row_ok, col_ok, sqx_c, sqy_c,
+                bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
             )
-            ky = kernel_tile(
-                g2, tl.load(gy + rows * (syi + syj), mask=row_ok, other=0.0),
-                tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0),
-                bwy, rows, cols, valid, RBF, UNBIASED,
-            )
-            px = centred_tile(
-                kx, tl.load(rs + rows, mask=row_ok, other=0.0), tl.load(rs + cols, mask=col_ok, other=0.0),
-                t_x, nf, rows, cols, valid, UNBIASED,
-            )
-            py = centred_tile(
-                ky, tl.load(rs + srs + rows, mask=row_ok, other=0.0),
-                tl.load(rs + srs + cols, mask=col_ok, other=0.0), t_y, nf, rows, cols, valid, UNBIASED,
-            )
-            run += _gram_grad(px, py, kx, bwx, scale, a / b_x, rows, cols, valid, RBF)
+            offs = rows[:, None] * sei + cols[None, :] * sej
+            dk = centred_tile(dk, tl.sum(dk, axis=1), col_k, tot_k, nf, rows, cols, valid, UNBIASED)
+            tl.store(ex_ptr + b * seb + w * sew + offs, _gram_grad(dk, kx, bwx, rows, cols, valid, RBF), mask=valid)
             if FULL_GRAD:
-                full += _gram_grad(py, px, ky, bwy, scale, a / c_y, rows, cols, valid, RBF)
-        out = coef_ptr + b * scb + w * scs + rows[:, None] * sci + cols[None, :] * scj
-        tl.store(out, run, mask=store_ok)
-    if FULL_GRAD:
-        out = coef_ptr + b * scb + W * scs + rows[:, None] * sci + cols[None, :] * scj
-        tl.store(out, full, mask=store_ok)
+                dl = centred_tile(dl, tl.sum(dl, axis=1), col_l, tot_l, nf, rows, cols, valid, UNBIASED)
+                tl.store(ey_ptr + b * seb + w * sew + offs, _gram_grad(dl, ky, bwy, rows, cols, valid, RBF), mask=valid)
 
 
 @triton.jit
@@ -154,20 +172,27 @@ def coefficients(
     gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, stats: torch.Tensor,
     rowsums: torch.Tensor, scale: torch.Tensor, *, kernel: str, unbiased: bool, full_grad: bool,
 ) -> torch.Tensor:
-    """``(B, W + full_grad, k, k)`` fp32 coefficients: slot ``w`` the running sum of the
-    x-side coefficients of widths ``>= w``, slot ``W`` the y side (with ``full_grad``)."""
+    """``(B, W + full_grad, k, k)`` fp32 coefficients: slot ``w`` the sum of the x-side
+    coefficients of widths ``>= w`` (the coefficient of column segment ``w``), slot
+    ``W`` the sum of the y-side (full-width) coefficients of every width."""
     batch, widths, size, _ = gx.shape
-    coef = torch.empty(batch, widths + int(full_grad), size, size, device=gx.device, dtype=torch.float32)
+    # Slots [0, W): x side; W: the full-width sum; (W, 2W]: y side per width.
+    slots = 2 * widths + 1 if full_grad else widths
+    buf = torch.zeros(batch, slots, size, size, device=gx.device, dtype=torch.float32)
     if batch == 0:
-        return coef
+        return buf[:, : widths + int(full_grad)]
     bm, kp = row_block(size)
-    _coef_kernel[(batch, triton.cdiv(size, bm))](
+    _coef_kernel[(batch, widths)](
         gx, gy, n.contiguous(), torch.nan_to_num(bw, nan=1.0).contiguous(), stats, rowsums,
-        scale.contiguous(), coef, widths, size, *gx.stride(), *gy.stride(),
-        *rowsums.stride()[:3], *coef.stride(),
+        scale.contiguous(), buf, buf[:, widths + 1:] if full_grad else buf, widths,
+        *gx.stride(), *gy.stride(), *rowsums.stride()[:3], *buf.stride(),
         RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=NUM_WARPS,
     )
-    return coef
+    for w in range(widths - 2, -1, -1):
+        buf[:, w] += buf[:, w + 1]
+    if full_grad:
+        torch.sum(buf[:, widths + 1:], dim=1, out=buf[:, widths])
+    return buf[:, : widths + int(full_grad)]
 
 
 def input_grad(

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 
-# Elements of one (BM x KP) register tile. With 8 warps this keeps the coefficient
-# kernel (about a dozen live tiles) within 255 registers per thread without spills
-# on sm_90 (checked with ptxas for KP = 64 ... 512).
+# Elements of one (BM x KP) register tile. With 8 warps the statistics, median and
+# coefficient kernels (up to about ten live tiles) compile to at most ~150
+# registers per thread without spills on sm_90 (checked with ptxas, KP 16 ... 512).
 _TILE_ELEMENTS = 2048
 NUM_WARPS = 8
 
@@ -56,12 +56,23 @@ def kernel_tile(g, sq_r, sq_c, bw, rows, cols, valid, RBF: tl.constexpr, UNBIASE
 
 
 @triton.jit
-def centred_tile(k, r_rows, r_cols, total, n, rows, cols, valid, UNBIASED: tl.constexpr):
-    """Biased: the double-centred ``HKH``; unbiased: ``U(K)``, the derivative of
-    ``HSIC_u(K, L)`` in ``L`` (``K~ + S/((n-1)(n-2)) - (r_i + r_j)/(n-2)`` off the diagonal).
+def load_kernel_tile(g, si, sj, rows, cols, row_ok, col_ok, sq_c, bw, RBF: tl.constexpr, UNBIASED: tl.constexpr):
+    """(Gram tile, kernel tile) of rows ``rows`` x columns ``cols`` of the Gram at ``g``
+    (strides ``si``, ``sj``); ``sq_c`` is the Gram's diagonal at ``cols``."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    gram = tl.load(g + rows[:, None] * si + cols[None, :] * sj, mask=valid, other=0.0)
+    sq_r = tl.load(g + rows * (si + sj), mask=row_ok, other=0.0)
+    return gram, kernel_tile(gram, sq_r, sq_c, bw, rows, cols, valid, RBF, UNBIASED)
 
-    ``HSIC(K, L) = <centred(K), L>`` either way; ``<centred(K), centred(L)>`` too for
-    the biased estimator.
+
+@triton.jit
+def centred_tile(k, r_rows, r_cols, total, n, rows, cols, valid, UNBIASED: tl.constexpr):
+    """Biased: the double-centred ``HKH``; unbiased: the U-centred
+    ``U(K) = K~ + S/((n-1)(n-2)) - (r_i + r_j)/(n-2)`` off the diagonal, 0 on it.
+
+    ``r`` are the row sums and ``S`` (``total``) the sum of the kernel tile's matrix.
+    Both centrings are orthogonal projections, so ``HSIC(K, L) = <P(K), P(L)>
+    = <P(K), L>``, and ``P(L)`` is the derivative of ``HSIC(K, L)`` in ``K``.
     """
     if UNBIASED:
         p = k + total / ((n - 1.0) * (n - 2.0)) - (r_rows[:, None] + r_cols[None, :]) / (n - 2.0)
@@ -77,6 +88,8 @@ def _stats_kernel(
     W, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs,
     RBF: tl.constexpr, UNBIASED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
 ):
+    """Statistics record and kernel row sums of entry ``(b, w)``: its ``n x n`` blocks
+    of ``gx[b, w]`` and ``gy[b, w]``, with ``n = n[b, w]``."""
     b = tl.program_id(0).to(tl.int64)
     w = tl.program_id(1)
     n = tl.load(n_ptr + b * W + w).to(tl.int32)
@@ -103,15 +116,10 @@ def _stats_kernel(
     for r0 in range(0, n, BM):
         rows = r0 + tl.arange(0, BM)
         row_ok = rows < n
-        valid = row_ok[:, None] & col_ok[None, :]
-        g1 = tl.load(gx + rows[:, None] * sxi + cols[None, :] * sxj, mask=valid, other=0.0)
-        g2 = tl.load(gy + rows[:, None] * syi + cols[None, :] * syj, mask=valid, other=0.0)
-        dx_r = tl.load(gx + rows * (sxi + sxj), mask=row_ok, other=0.0)
-        dy_r = tl.load(gy + rows * (syi + syj), mask=row_ok, other=0.0)
+        g1, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
+        g2, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
         raw_x += tl.sum(tl.sum(g1, axis=1), axis=0)
         raw_y += tl.sum(tl.sum(g2, axis=1), axis=0)
-        kx = kernel_tile(g1, dx_r, dx_c, bwx, rows, cols, valid, RBF, UNBIASED)
-        ky = kernel_tile(g2, dy_r, dy_c, bwy, rows, cols, valid, RBF, UNBIASED)
         tl.store(rs + rows, tl.sum(kx, axis=1), mask=row_ok)
         tl.store(rs + srs + rows, tl.sum(ky, axis=1), mask=row_ok)
         col_x += tl.sum(kx, axis=0)
@@ -130,12 +138,8 @@ def _stats_kernel(
         rows = r0 + tl.arange(0, BM)
         row_ok = rows < n
         valid = row_ok[:, None] & col_ok[None, :]
-        g1 = tl.load(gx + rows[:, None] * sxi + cols[None, :] * sxj, mask=valid, other=0.0)
-        g2 = tl.load(gy + rows[:, None] * syi + cols[None, :] * syj, mask=valid, other=0.0)
-        dx_r = tl.load(gx + rows * (sxi + sxj), mask=row_ok, other=0.0)
-        dy_r = tl.load(gy + rows * (syi + syj), mask=row_ok, other=0.0)
-        kx = kernel_tile(g1, dx_r, dx_c, bwx, rows, cols, valid, RBF, UNBIASED)
-        ky = kernel_tile(g2, dy_r, dy_c, bwy, rows, cols, valid, RBF, UNBIASED)
+        _, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
+        _, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
         px = centred_tile(kx, tl.sum(kx, axis=1), col_x, t_x, nf, rows, cols, valid, UNBIASED)
         py = centred_tile(ky, tl.sum(ky, axis=1), col_y, t_y, nf, rows, cols, valid, UNBIASED)
         a += tl.sum(tl.sum(px * py, axis=1), axis=0)
