@@ -10,7 +10,9 @@ Tolerances: the kernels and the float32 reference both do float32 arithmetic on 
 same input values, so each is held to the float64 reference, the kernel within
 ``4 x`` the float32 reference's own error plus a floor of a few float32 ulps of the
 quantity's scale (CKA values are O(1); gradients are compared relative to their
-largest entry). bfloat16 gradients are rounded to 8 bits on output: 1e-2 relative.
+largest entry). Half-precision gradients are rounded to the input dtype on output:
+1e-2 relative (bfloat16 has an 8-bit significand, and Triton's interpreter truncates
+fp32 -> bfloat16 where the GPU rounds to nearest, so 2^-8, not 2^-9).
 """
 
 from __future__ import annotations
