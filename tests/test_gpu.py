@@ -25,6 +25,10 @@ CASES = [
     ((3, 8), 128, 768, (16, 32, 64, 128, 256, 512, 768), [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0]),
     ((2,), 2048, 1024, (16, 100, 1000), [64, 300, 512]),
 ]
+# Floors of a few float32 ulps of O(1) quantities: the ratio of two independent
+# rounding errors is itself noisy when both are that small.
+VALUE_FLOOR = 2e-6
+GRAD_FLOOR = 2e-5
 OPTIONS = [
     dict(kernel="linear", unbiased=False),
     dict(kernel="linear", unbiased=True),
@@ -65,10 +69,10 @@ def test_error_at_most_twice_eager(case, opts, dtype):
     ref, ref_grad = _run(x.double(), "torch", upstream, **kw)
     assert torch.equal(value.isnan(), ref.isnan())
     assert torch.isfinite(grad).all()
-    assert _err(value, ref, 1.0) <= 2 * _err(eager, ref, 1.0) + 1e-6
+    assert _err(value, ref, 1.0) <= 2 * _err(eager, ref, 1.0) + VALUE_FLOOR
     scale = ref_grad.abs().max()
     rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
-    assert _err(grad, ref_grad, scale) <= 2 * _err(eager_grad, ref_grad, scale) + rounding + 1e-5
+    assert _err(grad, ref_grad, scale) <= 2 * _err(eager_grad, ref_grad, scale) + rounding + GRAD_FLOOR
 
 
 def test_cka_matches_reference():
