@@ -183,7 +183,7 @@ def coefficients(
         return buf[:, : widths + int(full_grad)]
     bm, kp = row_block(size)
     _coef_kernel[(batch, widths)](
-        gx, gy, n.contiguous(), torch.nan_to_num(bw, nan=1.0).contiguous(), stats, rowsums,
+        gx, gy, n.contiguous(), torch.nan_to_num(bw, nan=1.0), stats, rowsums,
         scale.contiguous(), buf, buf[:, widths + 1:] if full_grad else buf, widths,
         *gx.stride(), *gy.stride(), *rowsums.stride()[:3], *buf.stride(),
         RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=NUM_WARPS,

@@ -236,7 +236,7 @@ def bandwidths(
                 gram, n.contiguous(), out[side], widths, *gram.stride(), rbf_threshold**2,
                 KP=kp, BM=bm, num_warps=NUM_WARPS,
             )
-    return out.permute(1, 2, 0)
+    return out.permute(1, 2, 0).contiguous()
 
 
 def hsic_stats(
@@ -256,7 +256,7 @@ def hsic_stats(
         return stats, rowsums
     bm, kp = row_block(size)
     # A NaN bandwidth marks an unusable median; any positive value keeps the kernel finite.
-    bw_safe = torch.nan_to_num(bw, nan=1.0).contiguous()
+    bw_safe = torch.nan_to_num(bw, nan=1.0)
     _stats_kernel[(batch, widths)](
         gx, gy, n.contiguous(), bw_safe, stats, rowsums,
         widths, *gx.stride(), *gy.stride(), *rowsums.stride()[:3],
