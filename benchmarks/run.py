@@ -1,0 +1,153 @@
+"""``mipic-bench``: time MIPIC's geometric term for every provider, print a table and
+append the rows to one CSV.
+
+With no arguments it runs the presets meant for the machine: on a CUDA GPU the GPU
+presets (small, bert-base, qwen3-0.6b, large) in bf16; without one the CPU presets
+(small and a CPU-sized bert-base) in fp32, where the Triton rows are skipped.
+``mipic-bench plot`` draws the CSV (see :mod:`benchmarks.plot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import records
+from .measure import MODES, measure, mode_case
+from .presets import PRESETS, default_presets, make_workload, parse_dtype
+from .providers import PROVIDERS
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+_ROW = "{preset:<14} {shape:<20} {provider:<14} {mode:<9} {p20:>10} {p50:>10} {p80:>10} {peak:>10} {ratio:>8}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mipic-bench",
+        description=__doc__.split("\n\n")[0].replace("``", "'"),
+        epilog="'mipic-bench plot --help' for the figures.",
+    )
+    parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), metavar="NAME",
+                        help=f"presets to run ({', '.join(PRESETS)}); default: those for the device")
+    parser.add_argument("--provider", nargs="+", choices=list(PROVIDERS), metavar="NAME",
+                        help=f"providers ({', '.join(PROVIDERS)}); default: all")
+    parser.add_argument("--mode", nargs="+", choices=MODES, metavar="MODE",
+                        help=f"modes ({', '.join(MODES)}); default: all")
+    parser.add_argument("--dtype", help="bf16, fp16, fp32 or fp64; default bf16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu; default cuda when available")
+    parser.add_argument("--kernel", choices=("linear", "rbf"), default="linear",
+                        help="CKA kernel (MIPIC uses linear)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per case (default 10 on a CPU, 100 on CUDA; "
+                             "3 and 20 with --quick)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help=f"CSV to append to (default {records.default_csv()})")
+    parser.add_argument("--no-csv", action="store_true", help="print the table only")
+    parser.add_argument("--quick", action="store_true",
+                        help="the first shape of each preset, fewer timed calls, 1 warm-up")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random token states")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plot"]:
+        from .plot import main as plot_main
+
+        return plot_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device) if args.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("mipic-bench: --device cuda but torch sees no CUDA device")
+    try:
+        dtype = parse_dtype(args.dtype, device)
+    except ValueError as err:
+        raise SystemExit(f"mipic-bench: {err}") from None
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit("mipic-bench: --repeats must be >= 1")
+    on_gpu = device.type == "cuda"
+    repeats = args.repeats or {(False, False): 10, (False, True): 3, (True, False): 100, (True, True): 20}[
+        (on_gpu, args.quick)]
+    timer = f"{'cuda events' if on_gpu else 'perf_counter'} x{repeats}"
+    warmup = 1 if args.quick else 2
+    presets = args.preset or default_presets(device)
+    # torch first: every other row reports its speed-up over it.
+    providers = sorted(args.provider or list(PROVIDERS), key=lambda name: name != "torch")
+    modes = args.mode or list(MODES)
+    csv_path = None if args.no_csv else (args.csv or records.default_csv())
+
+    _quiet_compile_logs()
+    env = {
+        "commit": records.commit_id(), "device": records.device_name(device),
+        "torch": torch.__version__, "triton": records.triton_version(),
+        "dtype": _DTYPE_NAMES[dtype], "kernel": args.kernel,
+    }
+    print(f"mipic-bench: nested top-k CKA loss (MIPIC's geometric term), {args.kernel} kernel, {env['dtype']}")
+    print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    if not on_gpu:
+        print("No CUDA GPU: CPU presets and providers only. The Triton rows need a CUDA GPU "
+              "(see benchmarks/NOTES.md for the GPU targets).")
+    print("times in ms (p20 / p50 / p80), peak memory in MiB above the inputs, "
+          "'x torch' = torch p50 / p50\n")
+    print(_ROW.format(preset="preset", shape="shape", provider="provider", mode="mode", p20="p20",
+                      p50="p50", p80="p80", peak="peak MiB", ratio="x torch"))
+
+    written = 0
+    for preset_name in presets:
+        preset = PRESETS[preset_name]
+        shapes = preset.shapes()[:1] if args.quick else preset.shapes()
+        for shape in shapes:
+            workload = make_workload(preset, shape, dtype=dtype, device=device, seed=args.seed)
+            torch_p50: dict[str, float] = {}
+            for provider_name in providers:
+                provider = PROVIDERS[provider_name]
+                reason = provider.skip_reason(workload)
+                if reason is not None:
+                    print(f"{preset.name:<14} {str(shape):<20} {provider.name:<14} skipped: {reason}")
+                    continue
+                loss = provider.build(workload, args.kernel)
+                rows = []
+                for mode in modes:
+                    case = mode_case(loss, workload, mode)
+                    result = measure(case, workload, warmup=warmup, repeats=repeats)
+                    if provider.name == "torch":
+                        torch_p50[mode] = result.p50_ms
+                    ratio = torch_p50[mode] / result.p50_ms if mode in torch_p50 else None
+                    print(_ROW.format(
+                        preset=preset.name, shape=str(shape), provider=provider.name, mode=mode,
+                        p20=f"{result.p20_ms:.3f}", p50=f"{result.p50_ms:.3f}",
+                        p80=f"{result.p80_ms:.3f}", peak=f"{result.peak_mib:.1f}",
+                        ratio="" if ratio is None else f"{ratio:.2f}",
+                    ), flush=True)
+                    rows.append({
+                        **env, "date": records.utc_now(), "preset": preset.name, "shape": str(shape),
+                        "provider": provider.name, "mode": mode,
+                        "p20_ms": f"{result.p20_ms:.4f}", "p50_ms": f"{result.p50_ms:.4f}",
+                        "p80_ms": f"{result.p80_ms:.4f}", "peak_mib": f"{result.peak_mib:.2f}",
+                        "timer": timer,
+                    })
+                if csv_path is not None:
+                    records.append_rows(csv_path, rows)
+                    written += len(rows)
+            del workload
+    if csv_path is not None:
+        print(f"\n{written} rows appended to {csv_path}; draw them with 'mipic-bench plot'")
+    return 0
+
+
+def _quiet_compile_logs() -> None:
+    # The reference checks its input and reads k.max() on the host, so dynamo splits
+    # it into several graphs and logs each break; the timings already include that.
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
