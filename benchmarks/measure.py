@@ -8,7 +8,11 @@ Modes, as in Liger-Kernel's benchmarks:
 * ``no-grad``: the loss under ``torch.no_grad()`` (evaluation, logging).
 
 Times are p20/p50/p80 in milliseconds over a fixed number of calls, after warm-up
-calls that absorb compilation and first-call costs. On CUDA each call sits between
+calls that absorb compilation and first-call costs. A case whose last warm-up call
+took long gets fewer calls (never fewer than 5, or the number asked for if that is
+smaller), so that one case times about ``TIME_BUDGET_S`` at most: the naive loops
+take seconds per call where the fused kernels take milliseconds. The count used is
+recorded with every result. On CUDA each call sits between
 two CUDA events, with the L2 cache flushed before it (as ``triton.testing.do_bench``
 does); on a CPU ``time.perf_counter`` brackets each call. The backward is timed on a
 fresh graph each call rather than with ``retain_graph=True``: compiled backwards
@@ -37,6 +41,8 @@ from .presets import Workload
 from .providers import LossFn
 
 MODES = ("forward", "backward", "full", "no-grad")
+TIME_BUDGET_S = 5.0
+_MIN_CALLS = 5
 _MIB = 2.0**20
 # Bigger than the L2 cache of any current GPU (H100: 50 MiB), as in do_bench.
 _FLUSH_BYTES = 256 * 2**20
@@ -48,6 +54,7 @@ class Measurement:
     p50_ms: float
     p80_ms: float
     peak_mib: float
+    calls: int
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,17 @@ def mode_case(loss: LossFn, workload: Workload, mode: str) -> Case:
 
 
 def measure(case: Case, workload: Workload, *, warmup: int, repeats: int) -> Measurement:
-    """Warm up, then time ``repeats`` calls and take the peak memory of one more."""
+    """Warm up, then time up to ``repeats`` calls and take the peak memory of one more."""
     x = workload.x
-    for _ in range(warmup):
+    last_s = 0.0
+    for _ in range(max(warmup, 1)):
         _prepare(case, x)
+        _sync(x)
+        start = time.perf_counter()
         case.call()
+        _sync(x)
+        last_s = time.perf_counter() - start
+    repeats = min(repeats, max(_MIN_CALLS, int(TIME_BUDGET_S / max(last_s, 1e-9))))
     if x.device.type == "cuda":
         times = _times_cuda(case, x, repeats)
         peak = _peak_cuda(case, x)
@@ -90,7 +103,12 @@ def measure(case: Case, workload: Workload, *, warmup: int, repeats: int) -> Mea
         _prepare(case, x)
         peak = cpu_peak_bytes(case.call)
     p20, p50, p80 = quantiles(times)
-    return Measurement(p20, p50, p80, peak / _MIB)
+    return Measurement(p20, p50, p80, peak / _MIB, repeats)
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
 
 
 def _prepare(case: Case, x: torch.Tensor) -> None:

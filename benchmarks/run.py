@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import records
-from .measure import MODES, measure, mode_case
-from .presets import PRESETS, default_presets, make_workload, parse_dtype
+from .measure import MODES, TIME_BUDGET_S, measure, mode_case
+from .presets import PRESETS, Workload, default_presets, make_workload, parse_dtype
 from .providers import PROVIDERS
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kernel", choices=("linear", "rbf"), default="linear",
                         help="CKA kernel (MIPIC uses linear)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per case (default 10 on a CPU, 100 on CUDA; "
-                             "3 and 20 with --quick)")
+                        help="timed calls per case (default 10 on a CPU, 100 on CUDA; 3 and 20 "
+                             "with --quick); slow cases get fewer, down to 5, to stay near "
+                             f"{TIME_BUDGET_S:.0f} s each")
     parser.add_argument("--csv", type=Path, default=None,
                         help=f"CSV to append to (default {records.default_csv()})")
     parser.add_argument("--no-csv", action="store_true", help="print the table only")
@@ -75,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     on_gpu = device.type == "cuda"
     repeats = args.repeats or {(False, False): 10, (False, True): 3, (True, False): 100, (True, True): 20}[
         (on_gpu, args.quick)]
-    timer = f"{'cuda events' if on_gpu else 'perf_counter'} x{repeats}"
+    timer = "cuda events" if on_gpu else "perf_counter"
     warmup = 1 if args.quick else 2
     presets = args.preset or default_presets(device)
     # torch first: every other row reports its speed-up over it.
@@ -102,44 +103,65 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written = 0
     for preset_name in presets:
         preset = PRESETS[preset_name]
-        shapes = preset.shapes()[:1] if args.quick else preset.shapes()
-        for shape in shapes:
+        for shape in preset.shapes()[:1] if args.quick else preset.shapes():
             workload = make_workload(preset, shape, dtype=dtype, device=device, seed=args.seed)
-            torch_p50: dict[str, float] = {}
-            for provider_name in providers:
-                provider = PROVIDERS[provider_name]
-                reason = provider.skip_reason(workload)
-                if reason is not None:
-                    print(f"{preset.name:<14} {str(shape):<20} {provider.name:<14} skipped: {reason}")
-                    continue
-                loss = provider.build(workload, args.kernel)
-                rows = []
+            rows = run_workload(workload, providers, modes, kernel=args.kernel,
+                                warmup=warmup, repeats=repeats)
+            del workload
+            if csv_path is not None and rows:
+                stamped = [{**env, **row, "timer": f"{timer} x{row['timer']}"} for row in rows]
+                records.append_rows(csv_path, stamped)
+                written += len(rows)
+    if csv_path is not None:
+        print(f"\n{written} rows appended to {csv_path}; draw them with 'mipic-bench plot'")
+    return 0
+
+
+def run_workload(
+    workload: Workload, providers: Sequence[str], modes: Sequence[str], *,
+    kernel: str, warmup: int, repeats: int,
+) -> list[dict]:
+    """Measure every provider and mode on one workload, printing each row as it comes.
+
+    Returns the CSV rows without the environment columns (``timer`` holds the call count).
+    """
+    preset, shape = workload.preset.name, str(workload.shape)
+    torch_p50: dict[str, float] = {}
+    rows = []
+    for provider in (PROVIDERS[name] for name in providers):
+        reason = provider.skip_reason(workload)
+        if reason is None:
+            try:
+                loss = provider.build(workload, kernel)
                 for mode in modes:
-                    case = mode_case(loss, workload, mode)
-                    result = measure(case, workload, warmup=warmup, repeats=repeats)
+                    result = measure(mode_case(loss, workload, mode), workload,
+                                     warmup=warmup, repeats=repeats)
                     if provider.name == "torch":
                         torch_p50[mode] = result.p50_ms
                     ratio = torch_p50[mode] / result.p50_ms if mode in torch_p50 else None
                     print(_ROW.format(
-                        preset=preset.name, shape=str(shape), provider=provider.name, mode=mode,
+                        preset=preset, shape=shape, provider=provider.name, mode=mode,
                         p20=f"{result.p20_ms:.3f}", p50=f"{result.p50_ms:.3f}",
                         p80=f"{result.p80_ms:.3f}", peak=f"{result.peak_mib:.1f}",
                         ratio="" if ratio is None else f"{ratio:.2f}",
                     ), flush=True)
                     rows.append({
-                        **env, "date": records.utc_now(), "preset": preset.name, "shape": str(shape),
+                        "date": records.utc_now(), "preset": preset, "shape": shape,
                         "provider": provider.name, "mode": mode,
                         "p20_ms": f"{result.p20_ms:.4f}", "p50_ms": f"{result.p50_ms:.4f}",
                         "p80_ms": f"{result.p80_ms:.4f}", "peak_mib": f"{result.peak_mib:.2f}",
-                        "timer": timer,
+                        "timer": str(result.calls),
                     })
-                if csv_path is not None:
-                    records.append_rows(csv_path, rows)
-                    written += len(rows)
-            del workload
-    if csv_path is not None:
-        print(f"\n{written} rows appended to {csv_path}; draw them with 'mipic-bench plot'")
-    return 0
+            except torch.OutOfMemoryError:
+                reason = "out of memory (remaining modes not run)"
+            except torch._dynamo.exc.BackendCompilerFailed as err:
+                reason = f"torch.compile failed: {str(err).splitlines()[0]}"
+            workload.x.grad = None
+            if workload.x.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if reason is not None:
+            print(f"{preset:<14} {shape:<20} {provider.name:<14} skipped: {reason}", flush=True)
+    return rows
 
 
 def _quiet_compile_logs() -> None:
