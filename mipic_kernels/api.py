@@ -121,6 +121,8 @@ def nested_cka(
         exactly where the entry is undefined (see :func:`cka`).
     """
     _check_features("x", x, min_dim=2)
+    if x.shape[-2] == 0:
+        raise ValueError(f"x must have at least one token position, shape (*, T >= 1, D); got {tuple(x.shape)}")
     depth = x.shape[-1]
     dims = _check_dims(dims, depth)
     k = _check_k(k, len(dims))

@@ -12,15 +12,16 @@ How an entry is computed (one example, ``n`` selected rows per side):
 * Linear kernel ``K = Z Z^T``; RBF ``K = exp(-D / (2 sigma^2))`` with ``D`` the squared
   distances and, without ``sigma``, ``sigma^2 = threshold^2 * median(D)`` over all
   ``n * n`` entries (numpy's median), detached.
-* Biased HSIC ``<HKH, HLH>``; unbiased HSIC is Song et al.'s bracket without the
-  ``1 / (n (n - 3))`` factor, which cancels in CKA.
+* Biased HSIC ``<HKH, HLH>``; unbiased HSIC ``<U(K), U(L)>`` with ``U`` the U-centring,
+  equal to Song et al.'s formula times ``n (n - 3)``, a factor that cancels in CKA.
 
 An entry is undefined, and NaN, when it has fewer than 2 rows (4 unbiased) or either
 side has no variance: its rows coincide to working precision
 (``sum_i |z_i - mean|^2 <= n eps sum_i |z_i|^2``), its RBF median bandwidth is zero
 (more than half of the row pairs coincide), or its self-HSIC is not above
-``(n eps)^2`` times its scale (``spread^2`` linear, ``n^2`` RBF), which also covers an
-unbiased self-HSIC that is zero or negative through rounding. ``eps`` is the machine
+``(n eps)^2`` times its scale (``spread^2`` linear, ``n^2`` RBF): the unbiased
+self-HSIC is zero for some spread-out sets too, e.g. one token away from three that
+coincide. ``eps`` is the machine
 epsilon of the arithmetic dtype. Gradients stay finite everywhere.
 """
 
@@ -205,19 +206,19 @@ def _masked_median(values: torch.Tensor, pair: torch.Tensor, n: torch.Tensor) ->
 def _hsic_terms(
     kx: torch.Tensor, ky: torch.Tensor, pair: torch.Tensor, n: torch.Tensor, unbiased: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``HSIC(K, L), HSIC(K, K), HSIC(L, L)`` of masked kernel matrices."""
+    """``HSIC(K, L), HSIC(K, K), HSIC(L, L)`` of masked kernel matrices.
+
+    Both estimators centre first and take inner products after (double centring, or
+    U-centring for the unbiased one, which equals Song et al.'s formula): products of
+    centred matrices lose far less to cancellation than the expanded sums, and a
+    self-HSIC stays a sum of squares, never negative.
+    """
     if unbiased:
-        off_diagonal = 1 - torch.eye(kx.shape[-1], dtype=kx.dtype, device=kx.device)
-        kt, lt = kx * off_diagonal, ky * off_diagonal
-        n_safe = torch.where(n >= 4, n, torch.full_like(n, 4))
-        return (
-            _unbiased_hsic(kt, lt, n_safe),
-            _unbiased_hsic(kt, kt, n_safe),
-            _unbiased_hsic(lt, lt, n_safe),
-        )
-    n_safe = n.clamp(min=1)
-    kc = _double_centre(kx, pair, n_safe)
-    lc = _double_centre(ky, pair, n_safe)
+        centre, n_safe = _u_centre, torch.where(n >= 4, n, torch.full_like(n, 4))
+    else:
+        centre, n_safe = _double_centre, n.clamp(min=1)
+    kc = centre(kx, pair, n_safe)
+    lc = centre(ky, pair, n_safe)
     return (kc * lc).sum((-2, -1)), kc.square().sum((-2, -1)), lc.square().sum((-2, -1))
 
 
@@ -228,8 +229,11 @@ def _double_centre(k: torch.Tensor, pair: torch.Tensor, n: torch.Tensor) -> torc
     return centred * pair
 
 
-def _unbiased_hsic(kt: torch.Tensor, lt: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    trace = (kt * lt).sum((-2, -1))
-    sums = kt.sum((-2, -1)) * lt.sum((-2, -1)) / ((n - 1) * (n - 2))
-    cross = (kt.sum(-1) * lt.sum(-1)).sum(-1) * 2 / (n - 2)
-    return trace + sums - cross
+def _u_centre(k: torch.Tensor, pair: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Székely and Rizzo's U-centring: ``<U(K), U(L)> / (n (n - 3))`` is the unbiased HSIC."""
+    off_diagonal = 1 - torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    kt = k * off_diagonal
+    row = kt.sum(-1) / (n[..., None] - 2)
+    total = kt.sum((-2, -1)) / ((n - 1) * (n - 2))
+    centred = kt - row[..., :, None] - row[..., None, :] + total[..., None, None]
+    return centred * off_diagonal * pair

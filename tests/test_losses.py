@@ -1,0 +1,94 @@
+"""NestedCKALoss: the reduction it documents, undefined entries, finiteness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mipic_kernels as mk
+
+
+def _x(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_is_the_weighted_reduction_of_one_minus_cka(reduction):
+    x, scores = _x(3, 4, 20, 12, seed=1), _x(3, 4, 20, seed=2)
+    mask = torch.rand(3, 4, 20, generator=torch.Generator().manual_seed(3)) < 0.7
+    mask[0, 0, 1:] = False  # an undefined entry: one real token
+    opts = dict(k=[0.3, 0.6, 0.9], k_min=4, kernel="rbf", unbiased=True)
+    loss = mk.NestedCKALoss([3, 6, 9], weights=[0.5, 1.0, 2.0], reduction=reduction, **opts)
+    values = mk.nested_cka(x, [3, 6, 9], scores=scores, mask=mask, **opts)
+    defined = ~values.isnan()
+    assert not defined.all()
+    gaps = (1 - values).nan_to_num().reshape(-1, 3).sum(0)
+    if reduction == "mean":
+        gaps = gaps / defined.reshape(-1, 3).sum(0)
+    want = (gaps * torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)).sum()
+    torch.testing.assert_close(loss(x, scores=scores, mask=mask), want)
+
+
+def test_loss_is_finite_when_every_entry_is_undefined():
+    x = _x(2, 6, 5, seed=4).requires_grad_()
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[:, 0] = True
+    loss = mk.NestedCKALoss([2, 4], detach_full=False, unbiased=True)(x, mask=mask)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(x.grad).all() and (x.grad == 0).all()
+
+
+def test_loss_gradient_is_finite_with_constant_tokens():
+    x = _x(3, 8, 6, seed=5)
+    x[1] = 2.0
+    x.requires_grad_()
+    loss = mk.NestedCKALoss([2, 4], kernel="rbf")(x)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert (x.grad[1] == 0).all() and x.grad[0].abs().max() > 0
+
+
+def test_loss_decreases_under_gradient_descent():
+    torch.manual_seed(6)
+    x = torch.randn(4, 16, 10, dtype=torch.float64, requires_grad=True)
+    loss_fn = mk.NestedCKALoss([2, 5], k=[0.5, 0.8], k_min=4)
+    opt = torch.optim.Adam([x], lr=0.05)
+    first = loss_fn(x).item()
+    for _ in range(60):
+        opt.zero_grad()
+        loss_fn(x).backward()
+        opt.step()
+    assert loss_fn(x).item() < 0.5 * first
+
+
+def test_per_width_and_float32():
+    x = _x(2, 12, 8, seed=7).float()
+    loss = mk.NestedCKALoss([2, 8])
+    per_width = loss.per_width(x)
+    assert per_width.shape == (2,) and per_width.dtype == torch.float32
+    assert per_width[1].abs() < 1e-5  # the full width against itself
+    assert "dims=(2, 8)" in repr(loss)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(dims=[4, 2]), ValueError, "strictly increasing"),
+        (dict(dims=[2, 4], weights=[1.0]), ValueError, "weights must be 2"),
+        (dict(dims=[2, 4], weights=[1.0, -1.0]), ValueError, "non-negative"),
+        (dict(dims=[2, 4], weights=[1.0, float("nan")]), ValueError, "non-negative"),
+        (dict(dims=[2, 4], reduction="max"), ValueError, "reduction must be one of"),
+        (dict(dims=[2, 4], mask=None), TypeError, "pass them to forward"),
+    ],
+)
+def test_loss_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mk.NestedCKALoss(**kwargs)
+
+
+def test_loss_checks_options_at_call_time():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        mk.NestedCKALoss([2], kernel="cosine")(_x(1, 5, 3, seed=8))
+    with pytest.raises(ValueError, match=r"dims must hold ints in \[1, D=3\]"):
+        mk.NestedCKALoss([2, 4])(_x(1, 5, 3, seed=8))
