@@ -10,6 +10,7 @@ counts. Needs matplotlib (``pip install mipic-kernels[bench]``).
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 
 from . import records
 from .measure import MODES
-from .providers import PROVIDERS
+from .providers import COPY, PROVIDERS
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -37,6 +38,13 @@ def plot_csv(csv_path: Path, out_dir: Optional[Path] = None, device: Optional[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    # Within a decade, label 2x and 5x only: every minor tick would overlap.
+    sparse = FuncFormatter(
+        lambda value, _: f"{value:g}" if round(value / 10 ** math.floor(math.log10(value))) in (2, 5) else ""
+    )
 
     rows = latest_rows(records.read_rows(csv_path))
     if device is not None:
@@ -51,14 +59,15 @@ def plot_csv(csv_path: Path, out_dir: Optional[Path] = None, device: Optional[st
     for (preset, dev, dtype, kernel), group in groups.items():
         modes = [m for m in MODES if any(r["mode"] == m for r in group)]
         shapes = list(dict.fromkeys(r["shape"] for r in group))
-        providers = [p for p in PROVIDERS if any(r["provider"] == p for r in group)]
+        order = [*PROVIDERS, COPY]
+        providers = [p for p in order if any(r["provider"] == p for r in group)]
         fig, axes = plt.subplots(2, len(modes), figsize=(4.2 * len(modes), 7.5), squeeze=False)
         width = 0.8 / len(providers)
         for col, mode in enumerate(modes):
             by_key = {(r["shape"], r["provider"]): r for r in group if r["mode"] == mode}
             speed, memory = axes[0][col], axes[1][col]
             for i, provider in enumerate(providers):
-                color = f"C{list(PROVIDERS).index(provider)}"
+                color = f"C{order.index(provider)}"
                 xs, p50, lo, hi, mib = [], [], [], [], []
                 for j, shape in enumerate(shapes):
                     row = by_key.get((shape, provider))
@@ -72,6 +81,8 @@ def plot_csv(csv_path: Path, out_dir: Optional[Path] = None, device: Optional[st
                 speed.bar(xs, p50, width, yerr=[lo, hi], capsize=2, label=provider, color=color)
                 memory.bar(xs, mib, width, label=provider, color=color)
             speed.set_yscale("log")
+            speed.yaxis.set_major_formatter(plain)
+            speed.yaxis.set_minor_formatter(sparse)
             speed.set_title(mode)
             speed.set_ylabel("time per call, ms (p50; p20-p80)")
             memory.set_ylabel("peak memory, MiB")

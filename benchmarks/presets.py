@@ -39,7 +39,8 @@ class Preset:
 
     ``k`` is one token fraction (or count) per width, or one int for every width;
     ``gpu`` marks the presets run by default on a CUDA device, ``cpu`` those run by
-    default without one.
+    default without one; ``bandwidth_bound`` adds a row timing a plain copy of ``x``,
+    the yardstick of the bandwidth target.
     """
 
     name: str
@@ -53,6 +54,7 @@ class Preset:
     k_min: int
     gpu: bool = False
     cpu: bool = False
+    bandwidth_bound: bool = False
 
     def shapes(self) -> list[Shape]:
         return [
@@ -92,7 +94,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "large", "bandwidth-bound: wide states, 128 tokens per width",
             layers=7, batches=(16,), tokens=(512,), depth=4096,
-            dims=(256, 1024, 2048), k=128, k_min=8, gpu=True,
+            dims=(256, 1024, 2048), k=128, k_min=8, gpu=True, bandwidth_bound=True,
         ),
     )
 }

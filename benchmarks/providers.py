@@ -11,6 +11,9 @@ full width (detached) over the nested top-k tokens ranked by the ``"cls"`` score
 * ``torch``: the vectorised eager reference, ``backend="torch"``.
 * ``torch.compile``: the reference under ``torch.compile(dynamic=False)``.
 * ``triton``: the fused kernels, ``backend="triton"`` (CUDA only).
+
+Bandwidth-bound presets also get a ``copy`` row (``x.clone()``, forward only): not a
+loss, the memory-bandwidth yardstick a fused kernel is measured against.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mipic_kernels import NestedCKALoss, nested_cka
 from .presets import Workload
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+COPY = "copy"
 
 # The naive loops run one small float64 product after another: on a CPU a
 # bert-base batch takes seconds per call, so larger shapes are skipped there.

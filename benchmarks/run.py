@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 import torch
 
 from . import records
-from .measure import MODES, TIME_BUDGET_S, measure, mode_case
+from .measure import MODES, TIME_BUDGET_S, Case, Measurement, measure, mode_case
 from .presets import PRESETS, Workload, default_presets, make_workload, parse_dtype
-from .providers import PROVIDERS
+from .providers import COPY, PROVIDERS
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 _ROW = "{preset:<14} {shape:<20} {provider:<14} {mode:<9} {p20:>10} {p50:>10} {p80:>10} {peak:>10} {ratio:>8}"
@@ -128,6 +128,29 @@ def run_workload(
     preset, shape = workload.preset.name, str(workload.shape)
     torch_p50: dict[str, float] = {}
     rows = []
+
+    def report(provider: str, mode: str, result: Measurement) -> None:
+        ratio = torch_p50[mode] / result.p50_ms if mode in torch_p50 else None
+        print(_ROW.format(
+            preset=preset, shape=shape, provider=provider, mode=mode,
+            p20=f"{result.p20_ms:.3f}", p50=f"{result.p50_ms:.3f}", p80=f"{result.p80_ms:.3f}",
+            peak=f"{result.peak_mib:.1f}", ratio="" if ratio is None else f"{ratio:.2f}",
+        ), flush=True)
+        rows.append({
+            "date": records.utc_now(), "preset": preset, "shape": shape,
+            "provider": provider, "mode": mode,
+            "p20_ms": f"{result.p20_ms:.4f}", "p50_ms": f"{result.p50_ms:.4f}",
+            "p80_ms": f"{result.p80_ms:.4f}", "peak_mib": f"{result.peak_mib:.2f}",
+            "timer": str(result.calls),
+        })
+
+    if workload.preset.bandwidth_bound:
+        x = workload.x.detach()
+        copy = measure(Case(x.clone), workload, warmup=warmup, repeats=repeats)
+        report(COPY, "forward", copy)
+        # A copy reads and writes x once each.
+        print(f"{'':<14} {'':<20} {COPY:<14} {2 * x.nbytes / copy.p50_ms / 1e6:.0f} GB/s "
+              f"({x.nbytes / 2**20:.0f} MiB read + written)", flush=True)
     for provider in (PROVIDERS[name] for name in providers):
         reason = provider.skip_reason(workload)
         if reason is None:
@@ -138,20 +161,7 @@ def run_workload(
                                      warmup=warmup, repeats=repeats)
                     if provider.name == "torch":
                         torch_p50[mode] = result.p50_ms
-                    ratio = torch_p50[mode] / result.p50_ms if mode in torch_p50 else None
-                    print(_ROW.format(
-                        preset=preset, shape=shape, provider=provider.name, mode=mode,
-                        p20=f"{result.p20_ms:.3f}", p50=f"{result.p50_ms:.3f}",
-                        p80=f"{result.p80_ms:.3f}", peak=f"{result.peak_mib:.1f}",
-                        ratio="" if ratio is None else f"{ratio:.2f}",
-                    ), flush=True)
-                    rows.append({
-                        "date": records.utc_now(), "preset": preset, "shape": shape,
-                        "provider": provider.name, "mode": mode,
-                        "p20_ms": f"{result.p20_ms:.4f}", "p50_ms": f"{result.p50_ms:.4f}",
-                        "p80_ms": f"{result.p80_ms:.4f}", "peak_mib": f"{result.peak_mib:.2f}",
-                        "timer": str(result.calls),
-                    })
+                    report(provider.name, mode, result)
             except torch.OutOfMemoryError:
                 reason = "out of memory (remaining modes not run)"
             except torch._dynamo.exc.BackendCompilerFailed as err:

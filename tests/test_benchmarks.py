@@ -14,7 +14,7 @@ from benchmarks import records
 from benchmarks.measure import MODES, mode_case, quantiles
 from benchmarks.presets import PRESETS, Preset, Workload, make_workload
 from benchmarks.providers import PROVIDERS, naive_nested_cka
-from benchmarks.run import main
+from benchmarks.run import main, run_workload
 
 CPU = torch.device("cpu")
 CPU_PROVIDERS = ("naive", "torch", "torch.compile")
@@ -155,6 +155,15 @@ def test_cli_appends_rows_in_the_one_schema(tmp_path, capsys) -> None:
     assert "triton" in out and "needs a CUDA GPU" in out
     assert main([*_CLI_ARGS, "--csv", str(csv_path)]) == 0
     assert len(records.read_rows(csv_path)) == 2 * len(rows)
+
+
+def test_bandwidth_bound_preset_adds_a_copy_row(capsys) -> None:
+    preset = Preset("wide", "test", layers=1, batches=(2,), tokens=(16,), depth=64,
+                    dims=(16, 32), k=8, k_min=8, bandwidth_bound=True)
+    w = make_workload(preset, preset.shapes()[0], dtype=torch.float32, device=CPU)
+    rows = run_workload(w, ["torch"], ["no-grad"], kernel="linear", warmup=1, repeats=2)
+    assert [(r["provider"], r["mode"]) for r in rows] == [("copy", "forward"), ("torch", "no-grad")]
+    assert "GB/s" in capsys.readouterr().out
 
 
 def test_cli_refuses_a_csv_with_another_header(tmp_path) -> None:
