@@ -30,7 +30,7 @@ _ROW = "{preset:<14} {shape:<20} {provider:<14} {mode:<9} {p20:>10} {p50:>10} {p
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mipic-bench",
-        description=__doc__.split("\n\n")[0].replace("``", "'"),
+        description=__doc__.split("\n\n")[0].replace("``", ""),
         epilog="'mipic-bench plot --help' for the figures.",
     )
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), metavar="NAME",
@@ -63,8 +63,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return plot_main(argv[1:])
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device) if args.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"mipic-bench: --device must be cpu, cuda or cuda:N; got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("mipic-bench: --device cuda but torch sees no CUDA device")
     try:

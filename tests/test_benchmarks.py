@@ -173,6 +173,15 @@ def test_cli_refuses_a_csv_with_another_header(tmp_path) -> None:
         main([*_CLI_ARGS, "--mode", "no-grad", "--csv", str(csv_path)])
 
 
+@pytest.mark.parametrize(
+    "args, named",
+    [(["--device", "tpu9"], "--device"), (["--dtype", "int8"], "--dtype"), (["--repeats", "0"], "--repeats")],
+)
+def test_cli_rejects_bad_options_naming_them(args: list, named: str) -> None:
+    with pytest.raises(SystemExit, match=named):
+        main([*args, "--no-csv"])
+
+
 def test_plot_writes_one_png_per_preset(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     from benchmarks.plot import plot_csv
