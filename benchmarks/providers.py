@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -53,7 +53,7 @@ def naive_nested_cka(
     x: torch.Tensor,
     mask: torch.Tensor,
     dims: tuple[int, ...],
-    k: Union[int, tuple[float, ...], list],
+    k: Union[int, Sequence[Union[int, float]]],
     k_min: int,
     *,
     kernel: str = "linear",
@@ -77,6 +77,7 @@ def naive_nested_cka(
         scores = real.detach() @ flat_x[n, 0].detach() / math.sqrt(D)
         row = []
         for d, spec in zip(dims, fractions):
+            # A fraction is read as a decimal (0.3 * 10 is 3, not 4), as the API does.
             want = math.ceil(spec * m - 1e-9) if isinstance(spec, float) else spec
             top = torch.topk(scores, min(max(want, k_min), m)).indices
             tokens = real[top].double()

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mipic-bench",
         description=__doc__.split("\n\n")[0].replace("``", ""),
-        epilog="'mipic-bench plot --help' for the figures.",
+        epilog=_listing() + "\n\n'mipic-bench plot --help' for the figures.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), metavar="NAME",
                         help=f"presets to run ({', '.join(PRESETS)}); default: those for the device")
@@ -54,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the first shape of each preset, fewer timed calls, 1 warm-up")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token states")
     return parser
+
+
+def _listing() -> str:
+    lines = ["providers:"]
+    lines += [f"  {p.name:<15} {p.description}" for p in PROVIDERS.values()]
+    lines.append("presets:")
+    for p in PRESETS.values():
+        def joined(values: tuple) -> str:
+            return "/".join(str(v) for v in values)
+        shape = f"L{p.layers} B{joined(p.batches)} T{joined(p.tokens)} D{p.depth}"
+        k = p.k if isinstance(p.k, int) else joined(p.k)
+        lines.append(f"  {p.name:<15} {p.description}\n  {'':<15} {shape}, widths {joined(p.dims)}, k {k}, k_min {p.k_min}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -168,6 +182,8 @@ def run_workload(
                     report(provider.name, mode, result)
             except torch.OutOfMemoryError:
                 reason = "out of memory (remaining modes not run)"
+            except NotImplementedError as err:
+                reason = f"not implemented: {err}"
             except torch._dynamo.exc.BackendCompilerFailed as err:
                 reason = f"torch.compile failed: {str(err).splitlines()[0]}"
             workload.x.grad = None
