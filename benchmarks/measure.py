@@ -54,7 +54,7 @@ class Measurement:
     p50_ms: float
     p80_ms: float
     peak_mib: float
-    calls: int
+    timer: str  # the clock and the number of timed calls, e.g. "perf_counter x10"
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,16 @@ def measure(case: Case, workload: Workload, *, warmup: int, repeats: int) -> Mea
         last_s = time.perf_counter() - start
     repeats = min(repeats, max(_MIN_CALLS, int(TIME_BUDGET_S / max(last_s, 1e-9))))
     if x.device.type == "cuda":
+        clock = "cuda events"
         times = _times_cuda(case, x, repeats)
         peak = _peak_cuda(case, x)
     else:
+        clock = "perf_counter"
         times = _times_cpu(case, x, repeats)
         _prepare(case, x)
         peak = cpu_peak_bytes(case.call)
     p20, p50, p80 = quantiles(times)
-    return Measurement(p20, p50, p80, peak / _MIB, repeats)
+    return Measurement(p20, p50, p80, peak / _MIB, f"{clock} x{repeats}")
 
 
 def _sync(x: torch.Tensor) -> None:

@@ -94,7 +94,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     on_gpu = device.type == "cuda"
     repeats = args.repeats or {(False, False): 10, (False, True): 3, (True, False): 100, (True, True): 20}[
         (on_gpu, args.quick)]
-    timer = "cuda events" if on_gpu else "perf_counter"
     warmup = 1 if args.quick else 2
     presets = args.preset or default_presets(device)
     # torch first: every other row reports its speed-up over it.
@@ -111,8 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"mipic-bench: nested top-k CKA loss (MIPIC's geometric term), {args.kernel} kernel, {env['dtype']}")
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     if not on_gpu:
-        print("No CUDA GPU: CPU presets and providers only. The Triton rows need a CUDA GPU "
-              "(see benchmarks/NOTES.md for the GPU targets).")
+        why = "no CUDA GPU" if not torch.cuda.is_available() else "--device cpu"
+        print(f"On the CPU ({why}): the Triton rows need a CUDA GPU and are skipped, and the naive "
+              "loops run at small shapes only (see benchmarks/NOTES.md for the GPU targets).")
     print("times in ms (p20 / p50 / p80), peak memory in MiB above the inputs, "
           "'x torch' = torch p50 / p50\n")
     print(_ROW.format(preset="preset", shape="shape", provider="provider", mode="mode", p20="p20",
@@ -127,8 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 warmup=warmup, repeats=repeats)
             del workload
             if csv_path is not None and rows:
-                stamped = [{**env, **row, "timer": f"{timer} x{row['timer']}"} for row in rows]
-                records.append_rows(csv_path, stamped)
+                records.append_rows(csv_path, [{**env, **row} for row in rows])
                 written += len(rows)
     if csv_path is not None:
         print(f"\n{written} rows appended to {csv_path}; draw them with 'mipic-bench plot'")
@@ -141,7 +140,8 @@ def run_workload(
 ) -> list[dict]:
     """Measure every provider and mode on one workload, printing each row as it comes.
 
-    Returns the CSV rows without the environment columns (``timer`` holds the call count).
+    Returns the CSV rows without the environment columns (commit, device, versions,
+    dtype, kernel).
     """
     preset, shape = workload.preset.name, str(workload.shape)
     torch_p50: dict[str, float] = {}
@@ -159,7 +159,7 @@ def run_workload(
             "provider": provider, "mode": mode,
             "p20_ms": f"{result.p20_ms:.4f}", "p50_ms": f"{result.p50_ms:.4f}",
             "p80_ms": f"{result.p80_ms:.4f}", "peak_mib": f"{result.peak_mib:.2f}",
-            "timer": str(result.calls),
+            "timer": result.timer,
         })
 
     if workload.preset.bandwidth_bound:
