@@ -118,13 +118,12 @@ def test_benchmark_small_preset(benchmark, provider: str, mode: str) -> None:
     w, loss = _small_loss(provider)
     case = mode_case(loss, w, mode)
 
-    def step() -> None:
+    def prepare() -> None:  # untimed, before every round
         w.x.grad = None
         if case.setup is not None:
             case.setup()
-        case.call()
 
-    benchmark.pedantic(step, rounds=20, warmup_rounds=2)
+    benchmark.pedantic(case.call, setup=prepare, rounds=20, warmup_rounds=2)
     has_grad = mode in ("backward", "full")
     assert (w.x.grad is not None) == has_grad
     if has_grad:
