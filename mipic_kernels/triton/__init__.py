@@ -1,16 +1,93 @@
-"""Fused Triton backend (not implemented yet): same internal signatures as
-:mod:`mipic_kernels.reference`."""
+"""Fused Triton backend: same internal signatures as :mod:`mipic_kernels.reference`.
+
+Runs on CUDA tensors, or on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported; slow, for tests). Inputs are
+float16, bfloat16 or float32; every result is float32. float64 is rejected (the
+torch backend serves it). Non-finite inputs are not checked (that would cost a
+device sync): they give NaN values and NaN gradients. The kernels and their memory
+use are described in ``docs/kernels.md``.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import Optional
+
 import torch
+
+from .. import selection
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def preferred_for(x: torch.Tensor) -> bool:
-    """Whether ``backend="auto"`` picks this backend for ``x``."""
-    return False
+    """Whether ``backend="auto"`` picks this backend for ``x``: a CUDA tensor of a
+    supported dtype, with triton installed."""
+    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and _triton_installed()
 
 
 def check_usable(x: torch.Tensor) -> None:
     """Raise if ``backend="triton"`` cannot run on ``x``."""
-    raise NotImplementedError("backend='triton' is not implemented yet; use backend='torch'")
+    if not _triton_installed():
+        raise RuntimeError(
+            "backend='triton' needs the triton package (Linux x86-64); "
+            "install it or use backend='torch'"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"backend='triton' takes float16, bfloat16 or float32 inputs; got {x.dtype} "
+            "(use backend='torch' for float64)"
+        )
+    if x.is_cuda or (x.device.type == "cpu" and _interpreting()):
+        return
+    raise ValueError(
+        f"backend='triton' needs x on a CUDA device (or TRITON_INTERPRET=1 for CPU "
+        f"tensors); got x on {x.device}"
+    )
+
+
+def cka(
+    x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *, kernel: str, unbiased: bool,
+    sigma: Optional[float], rbf_threshold: float,
+) -> torch.Tensor:
+    """CKA of the masked rows of ``x (*, n, p)`` and ``y (*, n, q)``; returns ``(*)``."""
+    from .. import autograd
+
+    check_usable(y)
+    lead, rows = x.shape[:-2], x.shape[-2]
+    mask = mask.reshape(-1, rows)
+    value = autograd.cka(
+        x.reshape(-1, rows, x.shape[-1]), y.reshape(-1, rows, y.shape[-1]),
+        selection.rank_tokens(None, mask), mask.sum(-1),
+        kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
+    )
+    return value.reshape(lead)
+
+
+def nested_cka_ranked(
+    x: torch.Tensor, dims: tuple[int, ...], order: torch.Tensor, k: torch.Tensor, *,
+    kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
+) -> torch.Tensor:
+    """CKA of each width prefix against the full width over its top-``k`` tokens.
+
+    ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts.
+    Returns ``(*, W)``.
+    """
+    from .. import autograd
+
+    lead, (tokens, depth) = x.shape[:-2], x.shape[-2:]
+    value = autograd.nested_cka(
+        x.reshape(-1, tokens, depth), order.reshape(-1, tokens), k.reshape(-1, len(dims)), dims,
+        kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
+        detach_full=detach_full,
+    )
+    return value.reshape(*lead, len(dims))

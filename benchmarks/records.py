@@ -1,0 +1,109 @@
+"""The one CSV schema of benchmark results, and the environment each row records."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+SCHEMA = (
+    "date", "commit", "device", "torch", "triton",
+    "preset", "shape", "dtype", "kernel", "provider", "mode",
+    "p20_ms", "p50_ms", "p80_ms", "peak_mib", "timer",
+)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = PACKAGE_DIR / "results"
+CSV_NAME = "nested_cka.csv"
+
+
+def default_csv() -> Path:
+    """``benchmarks/results/nested_cka.csv`` in a source checkout; in the current
+    directory when the package is installed somewhere read-only."""
+    if os.access(RESULTS_DIR, os.W_OK):
+        return RESULTS_DIR / CSV_NAME
+    return Path.cwd() / f"mipic-bench-{CSV_NAME}"
+
+
+def append_rows(path: Path, rows: Iterable[dict]) -> None:
+    """Append rows (dicts with exactly the SCHEMA keys), writing the header to a new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if tuple(header or ()) != SCHEMA:
+            raise ValueError(f"{path} has another header than {','.join(SCHEMA)}; pass another --csv")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SCHEMA)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != SCHEMA:
+            raise ValueError(f"{path} does not have the benchmark header {','.join(SCHEMA)}")
+        return list(reader)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu (<model>, <n> threads)``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({_cpu_model()}, {threads} thread{'s' if threads > 1 else ''})"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown model"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def commit_id() -> str:
+    """Short commit of the source checkout, ``-dirty`` when the kernels or the
+    benchmarks (results aside) have uncommitted changes; ``unknown`` outside git."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(PACKAGE_DIR), *args],
+                capture_output=True, text=True, timeout=10, check=True,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short=12", "HEAD")
+    if not head:
+        return "unknown"
+    changes = git(
+        "status", "--porcelain", "--untracked-files=no", "--",
+        ":(top)mipic_kernels", ":(top)benchmarks", ":(top,exclude)benchmarks/results",
+    )
+    return head + ("-dirty" if changes else "")
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,218 @@
+"""Backward pass: per-width coefficient matrices, then one sweep over the columns.
+
+For ``rho = a / sqrt(b c)`` with ``a = HSIC(K, L)``, ``b = HSIC(K, K)``,
+``c = HSIC(L, L)`` and ``P(.)`` the centring of :func:`stats.centred_tile`,
+``d rho / dK = (P(L) - (a / b) P(K)) / sqrt(b c)`` and symmetrically for ``L``.
+A Gram ``G = Z Z^T`` with gradient ``E`` (symmetric) passes ``dZ = 2 E Z``:
+linear ``2 E = 2 dK``; RBF ``2 E = 4 (diag(V 1) - V)`` with
+``V = dK o K / (-2 s^2)`` off the diagonal (the bandwidth is a constant).
+
+The prefix of width ``i`` feeds columns ``:dims[i]`` only, so column segment ``s``
+gets the sum of the coefficients of widths ``>= s`` (a reverse cumulative sum over
+the per-width coefficients of the coefficient kernel). The
+shift by the column mean is treated as a constant: CKA is translation invariant,
+so its gradient through the shift vanishes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gram import _load_shifted
+from .stats import NUM_WARPS, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, ROW, centred_tile, load_kernel_tile, row_block
+
+
+@triton.jit
+def _gram_grad(dk, k, bw, rows, cols, valid, RBF: tl.constexpr):
+    """``2 E``, the coefficient of ``Z`` in the gradient, from the kernel gradient ``dk``."""
+    if RBF:
+        v = tl.where(valid & (rows[:, None] != cols[None, :]), dk * k / (-2.0 * bw), 0.0)
+        row = tl.sum(v, axis=1)
+        return 4.0 * (tl.where(rows[:, None] == cols[None, :], row[:, None], 0.0) - v)
+    return tl.where(valid, 2.0 * dk, 0.0)
+
+
+@triton.jit
+def _kernel_grads(
+    gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, row_ok, col_ok, sqx_c, sqy_c,
+    bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF: tl.constexpr, UNBIASED: tl.constexpr,
+):
+    """Kernel tiles ``K``, ``L`` and the unprojected gradients ``dK``, ``dL`` of a row block."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    _, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, sqx_c, bwx, RBF, UNBIASED)
+    _, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, sqy_c, bwy, RBF, UNBIASED)
+    px = centred_tile(
+        kx, tl.load(rs + rows, mask=row_ok, other=0.0), tl.load(rs + cols, mask=col_ok, other=0.0),
+        t_x, nf, rows, cols, valid, UNBIASED,
+    )
+    py = centred_tile(
+        ky, tl.load(rs + srs + rows, mask=row_ok, other=0.0),
+        tl.load(rs + srs + cols, mask=col_ok, other=0.0), t_y, nf, rows, cols, valid, UNBIASED,
+    )
+    return kx, ky, scale * (py - ratio_x * px), scale * (px - ratio_y * py)
+
+
+@triton.jit
+def _coef_kernel(
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, ex_ptr, ey_ptr,
+    W, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs, seb, sew, sei, sej,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
+    KP: tl.constexpr, BM: tl.constexpr,
+):
+    """Coefficients of entry ``(b, w)``: ``ex[b, w]`` for its prefix Gram and, with
+    ``FULL_GRAD``, ``ey[b, w]`` for the full-width Gram (both pre-zeroed).
+
+    ``scale[b, w]`` is ``upstream gradient / sqrt(b c)`` and 0 for undefined entries.
+    ``dK`` is centred in exact arithmetic; in fp32 it carries rounding from ``K``
+    amplified by the centring, and centring it again (pass 2, as autograd through the
+    reference does implicitly) removes the part of that error that is not centred,
+    which would otherwise reach the gradient.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
+    entry = b * W + w
+    n = tl.load(n_ptr + entry).to(tl.int32)
+    scale = tl.load(scale_ptr + entry)
+    if scale != 0.0:
+        if UNBIASED:
+            nf = tl.maximum(n, 4).to(tl.float32)
+        else:
+            nf = tl.maximum(n, 1).to(tl.float32)
+        a = tl.load(stats_ptr + entry * ROW + COL_A)
+        ratio_x = a / tl.load(stats_ptr + entry * ROW + COL_B)
+        ratio_y = a / tl.load(stats_ptr + entry * ROW + COL_C)
+        t_x = tl.load(stats_ptr + entry * ROW + COL_TOTAL_X)
+        t_y = tl.load(stats_ptr + entry * ROW + COL_TOTAL_Y)
+        bwx = tl.load(bw_ptr + entry * 2)
+        bwy = tl.load(bw_ptr + entry * 2 + 1)
+        gx = gx_ptr + b * sxb + w * sxw
+        gy = gy_ptr + b * syb + w * syw
+        rs = rs_ptr + b * srb + w * srw
+        cols = tl.arange(0, KP)
+        col_ok = cols < n
+        sqx_c = tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0)
+        sqy_c = tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0)
+
+        # Pass 1: column sums of dK and dL.
+        col_k = tl.zeros([KP], dtype=tl.float32)
+        col_l = tl.zeros([KP], dtype=tl.float32)
+        for r0 in range(0, n, BM):
+            rows = r0 + tl.arange(0, BM)
+            _, _, dk, dl = _kernel_grads(
+                gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, rows < n, col_ok, sqx_c, sqy_c,
+                bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
+            )
+            col_k += tl.sum(dk, axis=0)
+            col_l += tl.sum(dl, axis=0)
+        tot_k = tl.sum(col_k, axis=0)
+        tot_l = tl.sum(col_l, axis=0)
+
+        # Pass 2: centre dK (dL) again and turn it into the Gram coefficient.
+        for r0 in range(0, n, BM):
+            rows = r0 + tl.arange(0, BM)
+            row_ok = rows < n
+            valid = row_ok[:, None] & col_ok[None, :]
+            kx, ky, dk, dl = _kernel_grads(
+                gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, row_ok, col_ok, sqx_c, sqy_c,
+                bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
+            )
+            offs = rows[:, None] * sei + cols[None, :] * sej
+            dk = centred_tile(dk, tl.sum(dk, axis=1), col_k, tot_k, nf, rows, cols, valid, UNBIASED)
+            tl.store(ex_ptr + b * seb + w * sew + offs, _gram_grad(dk, kx, bwx, rows, cols, valid, RBF), mask=valid)
+            if FULL_GRAD:
+                dl = centred_tile(dl, tl.sum(dl, axis=1), col_l, tot_l, nf, rows, cols, valid, UNBIASED)
+                tl.store(ey_ptr + b * seb + w * sew + offs, _gram_grad(dl, ky, bwy, rows, cols, valid, RBF), mask=valid)
+
+
+@triton.jit
+def _dx_kernel(
+    x_ptr, order_ptr, kmax_ptr, shift_ptr, bounds_ptr, coef_ptr, dx_ptr,
+    D, sxb, sxt, sxd, sob, sot, scb, scs, sci, scj, sdb, sdt, sdd,
+    N_SEG: tl.constexpr, N_PREFIX: tl.constexpr, FULL_GRAD: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``dx[b, order[b, r], cols] = sum_s (coef_s Z)[r, cols in segment s]`` for rows
+    ``r`` of one row block and one column block; the rows are distinct positions, so
+    plain stores suffice (no atomics)."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    c_lo = tl.program_id(2) * BLOCK_D
+    cols = c_lo + tl.arange(0, BLOCK_D)
+    kmax = tl.load(kmax_ptr + b)
+    row_ok = rows < kmax
+    acc = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
+    coef = coef_ptr + b * scb
+    for s in tl.static_range(N_SEG):
+        if s < N_PREFIX or FULL_GRAD:
+            lo = tl.load(bounds_ptr + s)
+            hi = tl.load(bounds_ptr + s + 1)
+            if (lo < c_lo + BLOCK_D) & (hi > c_lo):
+                col_ok = (cols >= lo) & (cols < hi)
+                for j0 in range(0, kmax, BK):
+                    js = j0 + tl.arange(0, BK)
+                    j_ok = js < kmax
+                    tile_ok = row_ok[:, None] & j_ok[None, :]
+                    offs = rows[:, None] * sci + js[None, :] * scj
+                    c = tl.zeros([BM, BK], dtype=tl.float32)
+                    if s < N_PREFIX:
+                        c += tl.load(coef + s * scs + offs, mask=tile_ok, other=0.0)
+                    if FULL_GRAD:
+                        c += tl.load(coef + N_PREFIX * scs + offs, mask=tile_ok, other=0.0)
+                    pos = tl.load(order_ptr + b * sob + js * sot, mask=j_ok, other=0)
+                    _, z = _load_shifted(x_ptr, b, sxb, sxt, sxd, pos, j_ok, shift_ptr, D, cols, col_ok)
+                    acc += tl.dot(c, z, input_precision="ieee")
+    pos_r = tl.load(order_ptr + b * sob + rows * sot, mask=row_ok, other=0)
+    out = dx_ptr + b * sdb + pos_r[:, None] * sdt + cols[None, :] * sdd
+    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
+
+
+def coefficients(
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, stats: torch.Tensor,
+    rowsums: torch.Tensor, scale: torch.Tensor, *, kernel: str, unbiased: bool, full_grad: bool,
+) -> torch.Tensor:
+    """``(B, W + full_grad, k, k)`` fp32 coefficients: slot ``w`` the sum of the x-side
+    coefficients of widths ``>= w`` (the coefficient of column segment ``w``), slot
+    ``W`` the sum of the y-side (full-width) coefficients of every width."""
+    batch, widths, size, _ = gx.shape
+    # Slots [0, W): x side; W: the full-width sum; (W, 2W]: y side per width.
+    slots = 2 * widths + 1 if full_grad else widths
+    buf = torch.zeros(batch, slots, size, size, device=gx.device, dtype=torch.float32)
+    if batch == 0:
+        return buf[:, : widths + int(full_grad)]
+    bm, kp = row_block(size)
+    _coef_kernel[(batch, widths)](
+        gx, gy, n.contiguous(), torch.nan_to_num(bw, nan=1.0), stats, rowsums,
+        scale.contiguous(), buf, buf[:, widths + 1:] if full_grad else buf, widths,
+        *gx.stride(), *gy.stride(), *rowsums.stride()[:3], *buf.stride(),
+        RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=NUM_WARPS,
+    )
+    for w in range(widths - 2, -1, -1):
+        buf[:, w] += buf[:, w + 1]
+    if full_grad:
+        torch.sum(buf[:, widths + 1:], dim=1, out=buf[:, widths])
+    return buf[:, : widths + int(full_grad)]
+
+
+def input_grad(
+    x: torch.Tensor, order: torch.Tensor, kmax: torch.Tensor, shift: torch.Tensor,
+    bounds: tuple[int, ...], coef: torch.Tensor, *, n_prefix: int, full_grad: bool,
+) -> torch.Tensor:
+    """Gradient ``(B, T, D)`` in ``x.dtype``: zero except at the selected rows."""
+    batch, _, depth = x.shape
+    dx = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
+    if batch == 0:
+        return dx
+    size = coef.shape[-1]
+    # 64 x 64 output tiles, 16-deep steps over the tokens: no register spills on sm_90.
+    bm = min(64, max(16, triton.next_power_of_2(size)))
+    block_d = min(64, max(16, triton.next_power_of_2(depth)))
+    bounds_t = torch.tensor(bounds, device=x.device, dtype=torch.int64)
+    _dx_kernel[(batch, triton.cdiv(size, bm), triton.cdiv(depth, block_d))](
+        x, order, kmax, shift, bounds_t, coef, dx, depth, *x.stride(), *order.stride(),
+        *coef.stride(), *dx.stride(),
+        N_SEG=len(bounds) - 1, N_PREFIX=n_prefix, FULL_GRAD=full_grad,
+        BM=bm, BK=16, BLOCK_D=block_d, num_warps=8 if bm * block_d >= 4096 else 4,
+    )
+    return dx

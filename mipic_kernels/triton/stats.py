@@ -1,0 +1,303 @@
+"""Centred HSIC statistics of every (width, token count) block, and the CKA they give.
+
+One program per (example, width) streams its ``n x n`` leading blocks of the two
+Grams in row blocks of ``BM`` rows (all ``KP >= n`` columns at once), forms the
+kernel matrices on the fly (linear: the Gram itself; RBF: ``exp(-dist / (2 s^2))``
+with ``dist`` from the Gram) and reduces them to scalars. The centred matrices are
+never written to memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+# Elements of one (BM x KP) register tile. With 8 warps the statistics, median and
+# coefficient kernels (up to about ten live tiles) compile to at most ~150
+# registers per thread without spills on sm_90 (checked with ptxas, KP 16 ... 512).
+_TILE_ELEMENTS = 2048
+NUM_WARPS = 8
+
+# Columns of the per-(example, width) statistics record, for torch and (as
+# constexpr globals) for the kernels.
+A, B, C, SPREAD_X, SPREAD_Y, TOTAL_X, TOTAL_Y = range(7)
+N_STATS = 7
+COL_A, COL_B, COL_C, COL_SPREAD_X, COL_SPREAD_Y, COL_TOTAL_X, COL_TOTAL_Y = (
+    tl.constexpr(i) for i in range(N_STATS)
+)
+ROW = tl.constexpr(N_STATS)
+
+
+def row_block(k_top: int) -> tuple[int, int]:
+    """(BM, KP): rows per block and the padded column count for ``k_top`` columns."""
+    kp = max(16, triton.next_power_of_2(k_top))
+    return max(1, min(kp, _TILE_ELEMENTS // kp)), kp
+
+
+@triton.jit
+def kernel_tile(g, sq_r, sq_c, bw, rows, cols, valid, RBF: tl.constexpr, UNBIASED: tl.constexpr):
+    """Kernel-matrix tile from a Gram tile; zero outside ``valid`` (and on the diagonal
+    for the unbiased estimator)."""
+    diag = rows[:, None] == cols[None, :]
+    if RBF:
+        dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * g, 0.0)
+        dist = tl.where(diag, 0.0, dist)
+        k = tl.exp(-dist / (2.0 * bw))
+    else:
+        k = g
+    if UNBIASED:
+        k = tl.where(diag, 0.0, k)
+    return tl.where(valid, k, 0.0)
+
+
+@triton.jit
+def load_kernel_tile(g, si, sj, rows, cols, row_ok, col_ok, sq_c, bw, RBF: tl.constexpr, UNBIASED: tl.constexpr):
+    """(Gram tile, kernel tile) of rows ``rows`` x columns ``cols`` of the Gram at ``g``
+    (strides ``si``, ``sj``); ``sq_c`` is the Gram's diagonal at ``cols``."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    gram = tl.load(g + rows[:, None] * si + cols[None, :] * sj, mask=valid, other=0.0)
+    sq_r = tl.load(g + rows * (si + sj), mask=row_ok, other=0.0)
+    return gram, kernel_tile(gram, sq_r, sq_c, bw, rows, cols, valid, RBF, UNBIASED)
+
+
+@triton.jit
+def centred_tile(k, r_rows, r_cols, total, n, rows, cols, valid, UNBIASED: tl.constexpr):
+    """Biased: the double-centred ``HKH``; unbiased: the U-centred
+    ``U(K) = K~ + S/((n-1)(n-2)) - (r_i + r_j)/(n-2)`` off the diagonal, 0 on it.
+
+    ``r`` are the row sums and ``S`` (``total``) the sum of the kernel matrix. Both
+    centrings are orthogonal projections, so ``HSIC(K, L) = <P(K), P(L)> = <P(K), L>``,
+    and ``P(L)`` is the derivative of ``HSIC(K, L)`` in ``K``.
+
+    The mean entry ``m`` is taken out of ``K`` first: centring ignores it, ``K - m``
+    is nearly exact when the entries are close to each other (an RBF kernel with a
+    wide bandwidth), and the remaining rounding then sits in per-row and per-column
+    terms, which the centred inner products do not see.
+    """
+    if UNBIASED:
+        m = total / (n * (n - 1.0))
+        c_r = (r_rows - (n - 1.0) * m) / (n - 2.0)
+        c_c = (r_cols - (n - 1.0) * m) / (n - 2.0)
+        rest = (total - n * (n - 1.0) * m) / ((n - 1.0) * (n - 2.0))
+    else:
+        m = total / (n * n)
+        c_r = (r_rows - n * m) / n
+        c_c = (r_cols - n * m) / n
+        rest = (total - n * n * m) / (n * n)
+    p = (k - m) - c_r[:, None] - c_c[None, :] + rest
+    if UNBIASED:
+        p = tl.where(rows[:, None] == cols[None, :], 0.0, p)
+    return tl.where(valid, p, 0.0)
+
+
+@triton.jit
+def _stats_kernel(
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, out_ptr, rs_ptr,
+    W, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
+):
+    """Statistics record and kernel row sums of entry ``(b, w)``: its ``n x n`` blocks
+    of ``gx[b, w]`` and ``gy[b, w]``, with ``n = n[b, w]``."""
+    b = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
+    n = tl.load(n_ptr + b * W + w).to(tl.int32)
+    # Undefined entries (n too small) are masked later; safe n keeps them finite.
+    if UNBIASED:
+        nf = tl.maximum(n, 4).to(tl.float32)
+    else:
+        nf = tl.maximum(n, 1).to(tl.float32)
+    bwx = tl.load(bw_ptr + (b * W + w) * 2)
+    bwy = tl.load(bw_ptr + (b * W + w) * 2 + 1)
+    gx = gx_ptr + b * sxb + w * sxw
+    gy = gy_ptr + b * syb + w * syw
+    rs = rs_ptr + b * srb + w * srw
+    cols = tl.arange(0, KP)
+    col_ok = cols < n
+    dx_c = tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0)
+    dy_c = tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0)
+
+    # Pass 1: row sums and totals of the kernel matrices.
+    col_x = tl.zeros([KP], dtype=tl.float32)
+    col_y = tl.zeros([KP], dtype=tl.float32)
+    raw_x = 0.0
+    raw_y = 0.0
+    for r0 in range(0, n, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < n
+        g1, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
+        g2, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
+        raw_x += tl.sum(tl.sum(g1, axis=1), axis=0)
+        raw_y += tl.sum(tl.sum(g2, axis=1), axis=0)
+        tl.store(rs + rows, tl.sum(kx, axis=1), mask=row_ok)
+        tl.store(rs + srs + rows, tl.sum(ky, axis=1), mask=row_ok)
+        col_x += tl.sum(kx, axis=0)
+        col_y += tl.sum(ky, axis=0)
+    t_x = tl.sum(col_x, axis=0)
+    t_y = tl.sum(col_y, axis=0)
+
+    # Pass 2: inner products of the centred matrices. Biased: double centring, as the
+    # reference does. Unbiased: U-centring, an orthogonal projection, so
+    # <U(K), U(L)> equals Song's bracket <U(K), L~>; the centred form avoids the
+    # cancellation of the expanded bracket (sum K o L + totals - row sums) in fp32.
+    a = 0.0
+    bb = 0.0
+    c = 0.0
+    for r0 in range(0, n, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < n
+        valid = row_ok[:, None] & col_ok[None, :]
+        _, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
+        _, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
+        px = centred_tile(kx, tl.sum(kx, axis=1), col_x, t_x, nf, rows, cols, valid, UNBIASED)
+        py = centred_tile(ky, tl.sum(ky, axis=1), col_y, t_y, nf, rows, cols, valid, UNBIASED)
+        a += tl.sum(tl.sum(px * py, axis=1), axis=0)
+        bb += tl.sum(tl.sum(px * px, axis=1), axis=0)
+        c += tl.sum(tl.sum(py * py, axis=1), axis=0)
+
+    n_safe = tl.maximum(n, 1).to(tl.float32)
+    out = out_ptr + (b * W + w) * ROW
+    tl.store(out + COL_A, a)
+    tl.store(out + COL_B, bb)
+    tl.store(out + COL_C, c)
+    tl.store(out + COL_SPREAD_X, tl.sum(dx_c, axis=0) - raw_x / n_safe)
+    tl.store(out + COL_SPREAD_Y, tl.sum(dy_c, axis=0) - raw_y / n_safe)
+    tl.store(out + COL_TOTAL_X, t_x)
+    tl.store(out + COL_TOTAL_Y, t_y)
+
+
+@triton.jit
+def _median_kernel(
+    g_ptr, n_ptr, out_ptr, W, sgb, sgw, sgi, sgj, scale,
+    KP: tl.constexpr, BM: tl.constexpr,
+):
+    """``scale * median`` of the ``n * n`` squared distances of one Gram's leading
+    block (numpy's median: mean of the two middle values), NaN when not positive.
+
+    Exact selection by bisection on the bit patterns of the (non-negative) fp32
+    distances, whose integer order is their numeric order: 31 counting sweeps over
+    the block find the two middle values at once. Nothing is written but the result.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
+    n = tl.load(n_ptr + b * W + w).to(tl.int32)
+    g = g_ptr + b * sgb + w * sgw
+    cols = tl.arange(0, KP)
+    col_ok = cols < n
+    sq_c = tl.load(g + cols * (sgi + sgj), mask=col_ok, other=0.0)
+    # 0-based ranks of the two middle values; searched as "smallest v with more
+    # than rank values <= v".
+    need_lo = (n * n - 1) // 2 + 1
+    need_hi = (n * n) // 2 + 1
+    lo_a = 0
+    hi_a = 0x7F800000  # +inf
+    lo_b = 0
+    hi_b = 0x7F800000
+    for _ in range(31):
+        mid_a = lo_a + (hi_a - lo_a) // 2
+        mid_b = lo_b + (hi_b - lo_b) // 2
+        count_a = 0
+        count_b = 0
+        for r0 in range(0, n, BM):
+            rows = r0 + tl.arange(0, BM)
+            row_ok = rows < n
+            valid = row_ok[:, None] & col_ok[None, :]
+            tile = tl.load(g + rows[:, None] * sgi + cols[None, :] * sgj, mask=valid, other=0.0)
+            sq_r = tl.load(g + rows * (sgi + sgj), mask=row_ok, other=0.0)
+            dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * tile, 0.0)
+            dist = tl.where(rows[:, None] == cols[None, :], 0.0, dist)
+            bits = dist.to(tl.int32, bitcast=True)
+            count_a += tl.sum(tl.sum(tl.where(valid & (bits <= mid_a), 1, 0), axis=1), axis=0)
+            count_b += tl.sum(tl.sum(tl.where(valid & (bits <= mid_b), 1, 0), axis=1), axis=0)
+        hi_a = tl.where(count_a >= need_lo, mid_a, hi_a)
+        lo_a = tl.where(count_a >= need_lo, lo_a, mid_a + 1)
+        hi_b = tl.where(count_b >= need_hi, mid_b, hi_b)
+        lo_b = tl.where(count_b >= need_hi, lo_b, mid_b + 1)
+    v_lo = hi_a.to(tl.float32, bitcast=True)
+    v_hi = hi_b.to(tl.float32, bitcast=True)
+    median = scale * (0.5 * v_lo + 0.5 * v_hi)
+    ok = (median > 0.0) & (median < float("inf")) & (n > 0)
+    tl.store(out_ptr + b * W + w, tl.where(ok, median, float("nan")))
+
+
+def bandwidths(
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, *, kernel: str,
+    sigma: Optional[float], rbf_threshold: float,
+) -> torch.Tensor:
+    """``(B, W, 2)`` fp32 RBF bandwidths ``s^2`` of the x and y Grams of every entry.
+
+    With ``sigma=None`` this is ``threshold^2 * median`` of the ``n * n`` squared
+    distances (numpy's median, zero diagonal included) from :func:`_median_kernel`;
+    unusable (zero or non-finite) medians come back as NaN and make the entry
+    undefined.
+    """
+    batch, widths, size, _ = gx.shape
+    shape = (batch, widths, 2)
+    if kernel == "linear":
+        return torch.ones(shape, device=gx.device, dtype=torch.float32)
+    if sigma is not None:
+        return torch.full(shape, sigma * sigma, device=gx.device, dtype=torch.float32)
+    out = torch.empty(2, batch, widths, device=gx.device, dtype=torch.float32)
+    if batch > 0:
+        bm, kp = row_block(size)
+        for side, gram in enumerate((gx, gy)):
+            _median_kernel[(batch, widths)](
+                gram, n.contiguous(), out[side], widths, *gram.stride(), rbf_threshold**2,
+                KP=kp, BM=bm, num_warps=NUM_WARPS,
+            )
+    return out.permute(1, 2, 0).contiguous()
+
+
+def hsic_stats(
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, *,
+    kernel: str, unbiased: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics of every entry from the ``(B, W, k, k)`` Gram views ``gx`` and ``gy``
+    (any strides, e.g. a width stride of 0 for the shared full-width Gram).
+
+    Returns ``stats (B, W, N_STATS)`` fp32 (columns ``A`` ... ``TOTAL_Y``) and the
+    kernel-matrix row sums ``(B, W, 2, k)`` fp32 that the backward pass reuses.
+    """
+    batch, widths, size, _ = gx.shape
+    stats = torch.empty(batch, widths, N_STATS, device=gx.device, dtype=torch.float32)
+    rowsums = torch.zeros(batch, widths, 2, size, device=gx.device, dtype=torch.float32)
+    if batch == 0:
+        return stats, rowsums
+    bm, kp = row_block(size)
+    # A NaN bandwidth marks an unusable median; any positive value keeps the kernel finite.
+    bw_safe = torch.nan_to_num(bw, nan=1.0)
+    _stats_kernel[(batch, widths)](
+        gx, gy, n.contiguous(), bw_safe, stats, rowsums,
+        widths, *gx.stride(), *gy.stride(), *rowsums.stride()[:3],
+        RBF=kernel == "rbf", UNBIASED=unbiased, KP=kp, BM=bm, num_warps=NUM_WARPS,
+    )
+    return stats, rowsums
+
+
+def defined_entries(
+    stats: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, size_x: torch.Tensor,
+    size_y: torch.Tensor, *, kernel: str, unbiased: bool,
+) -> torch.Tensor:
+    """The reference's definedness rule applied to the kernel's statistics."""
+    nf = n.to(torch.float32)
+    tol = nf * torch.finfo(torch.float32).eps
+    spread_x, spread_y = stats[..., SPREAD_X], stats[..., SPREAD_Y]
+    scale_x = spread_x.square() if kernel == "linear" else nf.square()
+    scale_y = spread_y.square() if kernel == "linear" else nf.square()
+    return (
+        (n >= (4 if unbiased else 2))
+        & torch.isfinite(bw).all(-1)
+        & (spread_x > tol * size_x) & (spread_y > tol * size_y)
+        & (stats[..., B] > tol.square() * scale_x) & (stats[..., C] > tol.square() * scale_y)
+    )
+
+
+def cka_values(stats: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
+    """``a / sqrt(b c)`` where defined, NaN elsewhere."""
+    one = torch.ones_like(stats[..., A])
+    denom = torch.sqrt(torch.where(defined, stats[..., B], one) * torch.where(defined, stats[..., C], one))
+    return torch.where(defined, stats[..., A] / denom, torch.full_like(one, math.nan))

@@ -1,0 +1,112 @@
+"""The Triton backend on a CUDA device at realistic sizes (skipped without CUDA).
+
+Accuracy criterion (as flash-attention's tests): for half-precision inputs the
+kernel's error against a float64 reference on the same input values may be at most
+about twice the error of the eager reference run on those inputs (which computes in
+float32), plus a floor of a few float32 ulps; this is robust across shapes where a
+fixed tolerance is not. Gradients are compared relative to their largest entry and,
+for half-precision inputs, also carry the rounding of the gradient to the input dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mipic_kernels as mk
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CASES = [
+    # (lead dims, T, D, dims, k): BERT-base-like layers x batch, and a long wide one.
+    ((3, 8), 128, 768, (16, 32, 64, 128, 256, 512, 768), [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0]),
+    ((2,), 2048, 1024, (16, 100, 1000), [64, 300, 512]),
+]
+# Floors of a few float32 ulps of O(1) quantities: the ratio of two independent
+# rounding errors is itself noisy when both are that small.
+VALUE_FLOOR = 2e-6
+GRAD_FLOOR = 2e-5
+OPTIONS = [
+    dict(kernel="linear", unbiased=False),
+    dict(kernel="linear", unbiased=True),
+    dict(kernel="rbf", unbiased=False),
+    dict(kernel="rbf", unbiased=True, sigma=30.0),
+]
+
+
+def _states(lead, t, d, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    offset = 8 * torch.randn(d, generator=g, device="cuda")
+    return (torch.randn(*lead, t, d, generator=g, device="cuda") + offset).to(dtype)
+
+
+def _run(x, backend, upstream, **kw):
+    x = x.detach().clone().requires_grad_()
+    value = mk.nested_cka(x, backend=backend, **kw)
+    (grad,) = torch.autograd.grad(value, x, upstream)
+    return value.detach().double(), grad.double()
+
+
+def _err(a, ref, scale):
+    return float((a - ref).nan_to_num(0).abs().max() / scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_error_at_most_twice_eager(case, opts, dtype):
+    lead, t, d, dims, k = CASES[case]
+    x = _states(lead, t, d, dtype, seed=case)
+    mask = torch.rand(*lead, t, device="cuda") < 0.9
+    mask[..., :8] = True
+    kw = dict(dims=dims, k=k, k_min=8, scores="cls", mask=mask, detach_full=False, **opts)
+    upstream = torch.rand(*lead, len(dims), device="cuda") + 0.5
+    value, grad = _run(x, "triton", upstream, **kw)
+    eager, eager_grad = _run(x, "torch", upstream, **kw)
+    ref, ref_grad = _run(x.double(), "torch", upstream, **kw)
+    assert torch.equal(value.isnan(), ref.isnan())
+    assert torch.isfinite(grad).all()
+    assert _err(value, ref, 1.0) <= 2 * _err(eager, ref, 1.0) + VALUE_FLOOR
+    scale = ref_grad.abs().max()
+    rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert _err(grad, ref_grad, scale) <= 2 * _err(eager_grad, ref_grad, scale) + rounding + GRAD_FLOOR
+
+
+def test_cka_matches_reference():
+    x = _states((4, 8), 200, 384, torch.bfloat16, seed=7)
+    y = _states((4, 8), 200, 96, torch.bfloat16, seed=8)
+    mask = torch.rand(4, 8, 200, device="cuda") < 0.8
+    for kernel in ("linear", "rbf"):
+        got = mk.cka(x, y, mask=mask, kernel=kernel, backend="triton")
+        ref = mk.cka(x.double(), y.double(), mask=mask, kernel=kernel, backend="torch")
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph_inductor():
+    x = _states((2, 4), 64, 256, torch.bfloat16, seed=9)
+
+    def loss(x):
+        return (1 - mk.nested_cka(x, (32, 128, 256), k=[0.5, 0.7, 1.0], scores="cls",
+                                  backend="triton")).nan_to_num(0).mean()
+
+    def value_and_grad(fn):
+        leaf = x.detach().clone().requires_grad_()
+        out = fn(leaf)
+        out.backward()
+        return out.detach(), leaf.grad
+
+    eager = value_and_grad(loss)
+    compiled = value_and_grad(torch.compile(loss, fullgraph=True))
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_auto_picks_triton_for_cuda_tensors():
+    from mipic_kernels import triton as triton_backend
+
+    x = _states((2,), 16, 32, torch.float32, seed=10)
+    assert triton_backend.preferred_for(x)
+    assert not triton_backend.preferred_for(x.double())
+    assert not triton_backend.preferred_for(x.cpu())

@@ -1,0 +1,293 @@
+"""The Triton backend against the eager reference: values, NaN positions and input
+gradients at small awkward sizes.
+
+Without CUDA the kernels run under Triton's interpreter, which must be switched on
+before triton is first imported; this module does that at import and skips itself
+if triton was already imported without it. On a CUDA machine the same tests run on
+the GPU.
+
+Tolerances: the kernels and the float32 reference both do float32 arithmetic on the
+same input values, so each is held to the float64 reference, the kernel within
+``4 x`` the float32 reference's own error plus a floor of a few float32 ulps of the
+quantity's scale (CKA values are O(1); gradients are compared relative to their
+largest entry). Half-precision gradients are rounded to the input dtype on output:
+1e-2 relative (bfloat16 has an 8-bit significand, and Triton's interpreter truncates
+fp32 -> bfloat16 where the GPU rounds to nearest, so 2^-8, not 2^-9).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    _imported_before = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+    os.environ["TRITON_INTERPRET"] = "1"
+    if _imported_before:
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 could be set; run this file alone",
+            allow_module_level=True,
+        )
+pytest.importorskip("triton")
+
+import mipic_kernels as mk  # noqa: E402
+from mipic_kernels.triton import launch  # noqa: E402
+
+OPTIONS = [
+    dict(kernel="linear", unbiased=False),
+    dict(kernel="linear", unbiased=True),
+    dict(kernel="rbf", unbiased=False),
+    dict(kernel="rbf", unbiased=True),
+    dict(kernel="rbf", unbiased=False, sigma=2.5),
+    dict(kernel="rbf", unbiased=True, sigma=4.0, rbf_threshold=0.7),
+]
+K_MODES = [dict(k=None), dict(k=5, k_min=2), dict(k=[0.3, 6, 1.0], k_min=4)]
+VALUE_FLOOR = 2e-6
+GRAD_FLOOR = 2e-5
+# Fresh inputs on every run; MIPIC_TEST_SEED replays one.
+BASE_SEED = int(os.environ.get("MIPIC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+@pytest.fixture(autouse=True)
+def _print_seed(request):
+    print(f"{request.node.nodeid}: MIPIC_TEST_SEED={BASE_SEED}")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(BASE_SEED + seed)
+
+
+def _states(*shape: int, seed: int, offset: float = 4.0) -> torch.Tensor:
+    """Hidden-state-like rows: a large common offset plus unit noise."""
+    return torch.randn(*shape, generator=_gen(seed)) + offset * torch.randn(shape[-1], generator=_gen(seed + 1))
+
+
+def _mask(lead: tuple[int, ...], t: int, seed: int) -> torch.Tensor:
+    mask = torch.rand(*lead, t, generator=_gen(seed)) < 0.75
+    mask[..., :3] = True
+    flat = mask.view(-1, t)
+    flat[-1, 4:] = False  # one example with 4 real tokens: small-n entries
+    return mask
+
+
+def _run(fn, x_list, upstream_seed: int):
+    """Value and input gradients of ``fn(*x_list)`` for an upstream gradient != 1."""
+    leaves = [x.detach().clone().requires_grad_() for x in x_list]
+    value = fn(*leaves)
+    upstream = torch.rand(value.shape, generator=_gen(upstream_seed)).to(value) * 2 - 0.5
+    grads = torch.autograd.grad(value, leaves, upstream)
+    return value.detach(), grads
+
+
+def _close(got: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor, floor: float, what: str):
+    got, ref32 = got.double().cpu(), ref32.double().cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(ref64)), f"{what}: NaN positions differ"
+    scale = ref64.nan_to_num(0).abs().max().clamp(min=1e-30) if what != "value" else 1.0
+    err = (got - ref64).nan_to_num(0).abs().max() / scale
+    err32 = (ref32 - ref64).nan_to_num(0).abs().max() / scale
+    assert err <= 4 * err32 + floor, f"{what}: error {err:.3g}, float32 reference {err32:.3g}"
+
+
+def _compare(fn, inputs, *, seed: int):
+    """Triton (float32) vs the float32 and float64 references: values and gradients."""
+    dev = [x.to(DEVICE) for x in inputs]
+    value, grads = _run(lambda *a: fn(*a, backend="triton"), dev, seed)
+    ref32, grads32 = _run(lambda *a: fn(*a, backend="torch"), inputs, seed)
+    ref64, grads64 = _run(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
+    assert value.dtype == torch.float32
+    _close(value, ref32, ref64, VALUE_FLOOR, "value")
+    for g, g32, g64 in zip(grads, grads32, grads64):
+        assert torch.isfinite(g).all(), "gradient holds NaN or inf"
+        _close(g, g32, g64, GRAD_FLOOR, "gradient")
+    return value
+
+
+@pytest.mark.parametrize("detach_full", [True, False], ids=["detached", "full-grad"])
+@pytest.mark.parametrize("kmode", K_MODES, ids=lambda m: f"k={m['k']}")
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_nested_cka_matches_reference(opts, kmode, detach_full):
+    # Widths 5 and 30 straddle the 16-column blocks; with a trailing segment
+    # (dims[-1] < D) when the teacher is detached, without one otherwise.
+    lead, t, d = (2,), 13, 37
+    dims = (5, 16, 30) if detach_full else (5, 16, 37)
+    x = _states(*lead, t, d, seed=10)
+    mask = _mask(lead, t, seed=11)
+
+    def fn(x, backend):
+        return mk.nested_cka(
+            x, dims, scores="cls", mask=mask.to(x.device), detach_full=detach_full,
+            backend=backend, **kmode, **opts,
+        )
+
+    _compare(fn, [x], seed=12)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_cka_matches_reference(opts):
+    lead, n = (2, 2), 11
+    x = _states(*lead, n, 9, seed=20)
+    y = _states(*lead, n, 6, seed=21)
+    mask = _mask(lead, n, seed=22)
+
+    def fn(x, y, backend):
+        return mk.cka(x, y, mask=mask.to(x.device), backend=backend, **opts)
+
+    _compare(fn, [x, y], seed=23)
+
+
+@pytest.mark.parametrize("opts", OPTIONS[:4], ids=str)
+def test_several_gram_tiles_and_row_blocks(opts):
+    # k_top = 45 > 32: two Gram tiles per side (off-diagonal tiles stored twice) and
+    # two row blocks in the statistics kernels; non-contiguous x.
+    t, d = 45, 20
+    x = _states(1, d, t, seed=30).mT
+    assert not x.is_contiguous()
+
+    def fn(x, backend):
+        return mk.nested_cka(x, (3, 7, 20), k=[10, 0.8, 1.0], backend=backend, **opts)
+
+    _compare(fn, [x], seed=31)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[3]], ids=str)
+def test_half_precision_inputs(opts, dtype):
+    x = _states(2, 12, 24, seed=40).to(dtype)
+    mask = _mask((2,), 12, seed=41)
+
+    def fn(x, backend):
+        return mk.nested_cka(x, (4, 9, 24), k=[0.5, 8, 1.0], mask=mask.to(x.device),
+                             detach_full=False, backend=backend, **opts)
+
+    value, (grad,) = _run(lambda a: fn(a, "triton"), [x.to(DEVICE)], 42)
+    ref32, (grad32,) = _run(lambda a: fn(a, "torch"), [x], 42)
+    ref64, (grad64,) = _run(lambda a: fn(a, "torch"), [x.double()], 42)
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    _close(value, ref32, ref64, VALUE_FLOOR, "value")
+    scale = grad64.abs().max()
+    assert ((grad.double().cpu() - grad64).abs().max() / scale) < 1e-2
+
+
+def test_undefined_entries_are_nan_with_zero_gradient():
+    x = _states(3, 8, 10, seed=50)
+    x[1] = x[1, :1]  # every row equal: no variance at any width
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[2, 3:] = False  # 3 real tokens: biased defined, unbiased not
+    for unbiased in (False, True):
+        def fn(x, backend):
+            return mk.nested_cka(x, (2, 10), mask=mask.to(x.device), kernel="rbf",
+                                 unbiased=unbiased, detach_full=False, backend=backend)
+
+        value = _compare(fn, [x], seed=51)
+        assert torch.isnan(value[1]).all()
+        assert torch.isnan(value[2]).all() == unbiased
+
+
+def test_no_gradient_work_without_grad(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("backward kernels ran")
+
+    monkeypatch.setattr(launch, "nested_backward", fail)
+    x = _states(2, 9, 12, seed=60).to(DEVICE)
+    with torch.no_grad():
+        out = mk.nested_cka(x.requires_grad_(), (4, 12), backend="triton")
+    assert not out.requires_grad
+    out = mk.nested_cka(x.detach(), (4, 12), backend="triton")
+    assert not out.requires_grad
+    with pytest.raises(AssertionError, match="backward kernels ran"):
+        mk.nested_cka(x, (4, 12), backend="triton").sum().backward()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x = _states(2, 10, 16, seed=70).to(DEVICE)
+    mask = _mask((2,), 10, seed=71).to(DEVICE)
+
+    def loss(x):
+        v = mk.nested_cka(x, (4, 16), k=[0.5, 1.0], scores="cls", mask=mask, kernel="rbf",
+                          backend="triton")
+        return (1 - v).nan_to_num(0).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    eager_value, (eager_grad,) = _run(loss, [x], 0)
+    value, (grad,) = _run(compiled, [x], 0)
+    torch.testing.assert_close(value, eager_value)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_leading_dims_and_empty_batch():
+    x = _states(2, 3, 7, 8, seed=80).to(DEVICE)
+    out = mk.nested_cka(x, (3, 8), backend="triton")
+    assert out.shape == (2, 3, 2)
+    flat = mk.nested_cka(x.reshape(6, 7, 8), (3, 8), backend="triton")
+    torch.testing.assert_close(out.reshape(6, 2), flat)
+    empty = mk.nested_cka(x[:0], (3, 8), backend="triton")
+    assert empty.shape == (0, 3, 2)
+
+
+def test_rejections(monkeypatch):
+    x = torch.randn(2, 6, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        mk.nested_cka(x, (2, 5), backend="triton")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="CUDA"):
+            mk.cka(x.float(), x.float(), backend="triton")
+
+
+def test_cka_gradient_for_one_input_only():
+    x = _states(2, 9, 5, seed=90).to(DEVICE)
+    y = _states(2, 9, 4, seed=91).to(DEVICE).requires_grad_()
+    mk.cka(x, y, kernel="rbf", backend="triton").sum().backward()
+    expected = y.grad.clone()
+    y.grad = None
+    mk.cka(x.clone().requires_grad_(), y, kernel="rbf", backend="triton").sum().backward()
+    torch.testing.assert_close(y.grad, expected)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf - inf
+def test_non_finite_input_poisons_only_its_example():
+    x = _states(2, 9, 12, seed=100)
+    x[0, 2, 7] = float("inf")
+    x[1, 8, 3] = float("nan")
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 8] = False
+    x = x.to(DEVICE).requires_grad_()
+    value = mk.nested_cka(x, (4, 8), mask=mask.to(DEVICE), detach_full=False, backend="triton")
+    value.backward(torch.ones_like(value))
+    assert torch.isnan(value[0]).all() and torch.isfinite(value[1]).all()
+    grad = x.grad.cpu()
+    assert grad[0].isnan().any(0).nonzero().flatten().tolist() == [7]
+    assert (grad[0].nan_to_num(0) == 0).all()
+    assert torch.isfinite(grad[1]).all() and (grad[1] != 0).any()
+
+
+def test_unbiased_self_hsic_vanishing_for_spread_out_tokens_is_nan():
+    x = torch.zeros(2, 6, 3)
+    # One token away from five that coincide: the U-centred linear Gram is 0, and
+    # the RBF median distance is 0.
+    x[:, 0, 0] = 1.0
+    x[1] += torch.randn(6, 3, generator=_gen(110))
+    y = torch.randn(2, 6, 4, generator=_gen(111))
+    for kernel in ("linear", "rbf"):
+        def fn(x, y, backend):
+            return mk.cka(x, y, kernel=kernel, unbiased=True, backend=backend)
+
+        value = _compare(fn, [x, y], seed=112)
+        assert torch.isnan(value[0]) and torch.isfinite(value[1])
+
+
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[3]], ids=str)
+def test_nested_cka_loss_module(opts):
+    x = _states(3, 2, 12, 20, seed=120)
+    mask = _mask((3, 2), 12, seed=121)
+
+    def fn(x, backend):
+        loss = mk.NestedCKALoss((4, 11, 20), weights=[0.5, 1.0, 2.0], k=[0.5, 0.7, 1.0],
+                                k_min=4, backend=backend, **opts)
+        return loss(x, scores="cls", mask=mask.to(x.device))
+
+    _compare(fn, [x], seed=122)
