@@ -46,7 +46,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import rankdata
 
     rx, ry = rankdata(x), rankdata(y)
-    return float(np.corrcoef(rx, ry)[0, 1])
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant side gives NaN, as in scipy
+        return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def sts_scores(a: torch.Tensor, b: torch.Tensor, gold: Sequence[float], dims: Sequence[int]) -> dict[str, float]:
