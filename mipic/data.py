@@ -128,6 +128,15 @@ def _lines(path: str) -> Iterator[tuple[int, Optional[str]]]:
             yield number, text.rstrip("\r\n")
 
 
+def _content_lines(
+    path: str, lines: Iterator[tuple[int, Optional[str]]]
+) -> Iterator[tuple[str, Optional[str]]]:
+    """``(file:line, text)`` of the lines that are not blank; text None where not UTF-8."""
+    for number, line in lines:
+        if line is None or line.strip():
+            yield f"{path}:{number}", line
+
+
 def _text_rows(path: str) -> Iterator[Union[Record, str]]:
     for number, line in _lines(path):
         where = f"{path}:{number}"
@@ -174,12 +183,9 @@ def _delimited_rows(
         raise DataError(f"{path}:1: column(s) {missing} not in the header {header}")
     index = [header.index(c) for c in wanted]
     label_index = header.index(label_column) if label_column else None
-    for number, line in lines:
-        where = f"{path}:{number}"
+    for where, line in _content_lines(path, lines):
         if line is None:
             yield f"{where}: not valid UTF-8"
-            continue
-        if not line.strip():
             continue
         # Quoted fields never span lines in these formats; one line is one row.
         cells = next(csv.reader(io.StringIO(line), delimiter=delimiter, quoting=csv.QUOTE_MINIMAL
@@ -197,12 +203,9 @@ def _delimited_rows(
 def _jsonl_rows(path: str, columns: Optional[Sequence[str]], label_column: Optional[str]) -> Iterator[Union[Record, str]]:
     if not columns:
         raise DataError(f"{path}: jsonl data needs the column names (data.columns)")
-    for number, line in _lines(path):
-        where = f"{path}:{number}"
+    for where, line in _content_lines(path, _lines(path)):
         if line is None:
             yield f"{where}: not valid UTF-8"
-            continue
-        if not line.strip():
             continue
         try:
             obj = json.loads(line)
@@ -223,12 +226,9 @@ def _jsonl_rows(path: str, columns: Optional[Sequence[str]], label_column: Optio
 
 def _stsb_rows(path: str) -> Iterator[Union[Record, str]]:
     # Split on tabs only: some rows carry extra trailing columns and stray quotes.
-    for number, line in _lines(path):
-        where = f"{path}:{number}"
+    for where, line in _content_lines(path, _lines(path)):
         if line is None:
             yield f"{where}: not valid UTF-8"
-            continue
-        if not line.strip():
             continue
         cells = line.split("\t")
         if len(cells) < 7:

@@ -120,3 +120,20 @@ def test_training_examples(tmp_path):
                              mode="unsupervised", max_examples=None),
         train=SimpleNamespace(seed=0))
     assert len(load_training_examples(cfg)) == 15
+
+
+@pytest.mark.parametrize(
+    "name, body, options",
+    [
+        ("p.csv", b"a,b\n\nx,y\n  \nbad \xff,z\nu,v\n", dict(columns=["a", "b"])),
+        ("d.jsonl", b'{"a": "x", "b": "y"}\n\n  \n{"a": "bad \xff"}\n{"a": "u", "b": "v"}\n', dict(columns=["a", "b"])),
+        ("sts-dev.csv", b"g\tf\t1\t1\t1.0\tx\ty\n\n \ng\tf\t1\t2\t2.0\tbad \xff\tz\ng\tf\t1\t3\t3.0\tu\tv\n", {}),
+    ],
+)
+def test_delimited_jsonl_and_stsb_skip_blank_lines_and_report_undecodable_ones(tmp_path, name, body, options):
+    path = _write(tmp_path / name, body)
+    with pytest.warns(BadRowWarning) as caught:
+        records = read_records(path, **options)
+    assert [r.texts for r in records] == [("x", "y"), ("u", "v")]
+    message = str(caught[0].message)
+    assert "not valid UTF-8" in message and "empty text" not in message
