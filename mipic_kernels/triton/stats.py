@@ -43,25 +43,38 @@ def row_block(k_top: int) -> tuple[int, int]:
 def kernel_tile(g, sq_r, sq_c, bw, rows, cols, valid, RBF: tl.constexpr, UNBIASED: tl.constexpr):
     """Kernel-matrix tile from a Gram tile; zero outside ``valid`` (and on the diagonal
     for the unbiased estimator)."""
-    diag = rows[:, None] == cols[None, :]
     if RBF:
-        dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * g, 0.0)
-        dist = tl.where(diag, 0.0, dist)
-        k = tl.exp(-dist / (2.0 * bw))
+        k = tl.exp(-distance_tile(g, sq_r, sq_c, rows, cols) / (2.0 * bw))
     else:
         k = g
     if UNBIASED:
-        k = tl.where(diag, 0.0, k)
+        k = tl.where(rows[:, None] == cols[None, :], 0.0, k)
     return tl.where(valid, k, 0.0)
+
+
+@triton.jit
+def distance_tile(g, sq_r, sq_c, rows, cols):
+    """Squared distances from a Gram tile and the Gram's diagonal at its rows and
+    columns; clamped at 0 (rounding) and exactly 0 on the diagonal."""
+    dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * g, 0.0)
+    return tl.where(rows[:, None] == cols[None, :], 0.0, dist)
+
+
+@triton.jit
+def load_gram_tile(g, si, sj, rows, cols, row_ok, col_ok):
+    """(Gram tile, Gram diagonal at ``rows``) of the Gram at ``g`` (strides ``si``, ``sj``),
+    zero outside ``row_ok`` x ``col_ok``."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    gram = tl.load(g + rows[:, None] * si + cols[None, :] * sj, mask=valid, other=0.0)
+    return gram, tl.load(g + rows * (si + sj), mask=row_ok, other=0.0)
 
 
 @triton.jit
 def load_kernel_tile(g, si, sj, rows, cols, row_ok, col_ok, sq_c, bw, RBF: tl.constexpr, UNBIASED: tl.constexpr):
     """(Gram tile, kernel tile) of rows ``rows`` x columns ``cols`` of the Gram at ``g``
     (strides ``si``, ``sj``); ``sq_c`` is the Gram's diagonal at ``cols``."""
+    gram, sq_r = load_gram_tile(g, si, sj, rows, cols, row_ok, col_ok)
     valid = row_ok[:, None] & col_ok[None, :]
-    gram = tl.load(g + rows[:, None] * si + cols[None, :] * sj, mask=valid, other=0.0)
-    sq_r = tl.load(g + rows * (si + sj), mask=row_ok, other=0.0)
     return gram, kernel_tile(gram, sq_r, sq_c, bw, rows, cols, valid, RBF, UNBIASED)
 
 
@@ -206,11 +219,8 @@ def _median_kernel(
             rows = r0 + tl.arange(0, BM)
             row_ok = rows < n
             valid = row_ok[:, None] & col_ok[None, :]
-            tile = tl.load(g + rows[:, None] * sgi + cols[None, :] * sgj, mask=valid, other=0.0)
-            sq_r = tl.load(g + rows * (sgi + sgj), mask=row_ok, other=0.0)
-            dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * tile, 0.0)
-            dist = tl.where(rows[:, None] == cols[None, :], 0.0, dist)
-            bits = dist.to(tl.int32, bitcast=True)
+            tile, sq_r = load_gram_tile(g, sgi, sgj, rows, cols, row_ok, col_ok)
+            bits = distance_tile(tile, sq_r, sq_c, rows, cols).to(tl.int32, bitcast=True)
             count_a += tl.sum(tl.sum(tl.where(valid & (bits <= mid_a), 1, 0), axis=1), axis=0)
             count_b += tl.sum(tl.sum(tl.where(valid & (bits <= mid_b), 1, 0), axis=1), axis=0)
         hi_a = tl.where(count_a >= need_lo, mid_a, hi_a)
