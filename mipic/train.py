@@ -28,6 +28,8 @@ from .objectives import Objective
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
+# Configuration keys a resumed run may change: they do not touch what is computed.
+RESUMABLE_CHANGES = frozenset({"train.device", "train.log_every", "train.progress", "train.save_every"})
 _BAR_KEYS = ("loss", "mrl", "sia_attention", "sia_cka", "pic", "ese", "mic_scr", "mic_sir")
 
 
@@ -155,6 +157,7 @@ def train(cfg: Config, output: str | Path, *, resume: bool = False) -> Path:
         if found is None:
             raise ValueError(f"--resume: no checkpoint under {output / CHECKPOINTS}")
         state = torch.load(found / STATE_FILE, map_location=device, weights_only=False)
+        _check_same_run(state["config"], cfg.to_dict(), found)
         encoder.model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
@@ -199,18 +202,19 @@ def train(cfg: Config, output: str | Path, *, resume: bool = False) -> Path:
                 bar.update(1)
                 bar.set_postfix({k: f"{sums[k]:.3g}" for k in _BAR_KEYS if k in sums})
             if t.save_every and step % t.save_every == 0 and step < total:
-                _save_checkpoint(output, step, encoder, objective, optimizer, scheduler, scaler)
+                _save_checkpoint(output, step, cfg, encoder, objective, optimizer, scheduler, scaler)
     if bar is not None:
         bar.close()
     encoder.save(output, cfg.model.dims)
     return output
 
 
-def _save_checkpoint(output, step, encoder, objective, optimizer, scheduler, scaler) -> None:
+def _save_checkpoint(output, step, cfg, encoder, objective, optimizer, scheduler, scaler) -> None:
     folder = output / CHECKPOINTS / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
+        "config": cfg.to_dict(),
         "model": encoder.model.state_dict(),
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -221,6 +225,32 @@ def _save_checkpoint(output, step, encoder, objective, optimizer, scheduler, sca
     partial = folder / (STATE_FILE + ".partial")
     torch.save(state, partial)
     partial.replace(folder / STATE_FILE)  # a crash mid-write never leaves a truncated checkpoint
+
+
+def _check_same_run(saved: dict, now: dict, checkpoint: Path) -> None:
+    """A resumed run repeats the interrupted one only under the same configuration; keys
+    that do not touch the trajectory (RESUMABLE_CHANGES) may differ."""
+    before, after = _flatten(saved), _flatten(now)
+    changed = [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in RESUMABLE_CHANGES and before.get(key) != after.get(key)
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume: {checkpoint} was written under another configuration ({'; '.join(changed)}); "
+            f"resume with the same one (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _progress(total: int, done: int, enabled: bool):

@@ -90,6 +90,18 @@ def test_resume_repeats_the_uninterrupted_run(tiny_bert, sentences, tmp_path):
     assert [r["loss"] for r in resumed_rows] == losses  # same data, dropout and updates
 
 
+def test_resume_under_another_configuration_is_an_error(tiny_bert, sentences, tmp_path):
+    cfg = _config(tiny_bert, sentences, max_steps=2, save_every=1)
+    train(cfg, tmp_path)
+    changed = _config(tiny_bert, sentences, max_steps=2, save_every=1, lr=5e-4, log_every=2)
+    changed.objective.sia.k_min = 3
+    with pytest.raises(ValueError, match=r"another configuration \(objective.sia.k_min: 2 -> 3; "
+                                         r"train.lr: 0.001 -> 0.0005\); resume with the same one"):
+        train(changed, tmp_path, resume=True)
+    allowed = _config(tiny_bert, sentences, max_steps=2, save_every=5, log_every=2)
+    train(allowed, tmp_path, resume=True)
+
+
 def test_resume_without_checkpoint_is_an_error(tiny_bert, sentences, tmp_path):
     with pytest.raises(ValueError, match="--resume: no checkpoint"):
         train(_config(tiny_bert, sentences, max_steps=1), tmp_path, resume=True)
