@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from tests.seeding import SESSION_SEED, generator
+
+
+def pytest_report_header(config) -> str:
+    return f"MIPIC_TEST_SEED={SESSION_SEED} (set it to replay this session's random inputs)"
+
+
+@pytest.fixture(autouse=True)
+def _print_seed(request):
+    # Captured output is shown only for failing tests: the seed that replays them.
+    print(f"{request.node.nodeid}: MIPIC_TEST_SEED={SESSION_SEED}")
+
 
 @pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator with a fresh seed per test (MIPIC_TEST_SEED pins it); the seed is
-    printed so that a failure can be replayed."""
-    seed = int(os.environ.get("MIPIC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"{request.node.nodeid}: MIPIC_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
+def gen() -> torch.Generator:
+    """A generator seeded from the session seed."""
+    return generator()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,13 +16,12 @@ from mipic.cli import main
 from mipic.encoder import Encoder
 from mipic.evaluate import best_threshold_accuracy, default_dims, evaluate, format_table, spearman, sts_scores
 from mipic.testing import WORDS, build_tiny_model
+from tests.seeding import SESSION_SEED
 
 
 @pytest.fixture
-def rng(request) -> np.random.Generator:
-    seed = int(os.environ.get("MIPIC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"{request.node.nodeid}: MIPIC_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
+def rng() -> np.random.Generator:
+    return np.random.default_rng(SESSION_SEED)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,7 @@ def test_spearman_matches_scipy_with_ties(rng):
 
 
 def test_sts_scores_truncate_then_normalise(rng):
-    a, b = torch.randn(40, 12, dtype=torch.float64), torch.randn(40, 12, dtype=torch.float64)
+    a, b = (torch.tensor(rng.normal(size=(40, 12))) for _ in range(2))
     gold = rng.uniform(0, 5, size=40)
     got = sts_scores(a, b, gold, [3, 12])
     for d in (3, 12):

@@ -16,6 +16,7 @@ import torch
 
 import mipic_kernels as mk
 from tests.accuracy import assert_within_float32_error, float32_runs
+from tests.seeding import generator
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,7 +41,7 @@ OPTIONS = [
 
 
 def _states(lead, t, d, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = generator(seed, device="cuda")
     offset = 8 * torch.randn(d, generator=g, device="cuda")
     return (torch.randn(*lead, t, d, generator=g, device="cuda") + offset).to(dtype)
 
@@ -58,10 +59,10 @@ def _run(x, backend, upstream, **kw):
 def test_error_at_most_twice_eager(case, opts, dtype):
     lead, t, d, dims, k = CASES[case]
     x = _states(lead, t, d, dtype, seed=case)
-    mask = torch.rand(*lead, t, device="cuda") < 0.9
+    mask = torch.rand(*lead, t, generator=generator(100 + case, "cuda"), device="cuda") < 0.9
     mask[..., :8] = True
     kw = dict(dims=dims, k=k, k_min=8, scores="cls", mask=mask, detach_full=False, **opts)
-    upstream = torch.rand(*lead, len(dims), device="cuda") + 0.5
+    upstream = torch.rand(*lead, len(dims), generator=generator(200 + case, "cuda"), device="cuda") + 0.5
     value, grad = _run(x, "triton", upstream, **kw)
     eager = float32_runs(lambda a: _run(a[0], "torch", upstream, **kw), [x], seed=case)
     ref, ref_grad = _run(x.double(), "torch", upstream, **kw)
@@ -76,7 +77,7 @@ def test_error_at_most_twice_eager(case, opts, dtype):
 def test_cka_matches_reference():
     x = _states((4, 8), 200, 384, torch.bfloat16, seed=7)
     y = _states((4, 8), 200, 96, torch.bfloat16, seed=8)
-    mask = torch.rand(4, 8, 200, device="cuda") < 0.8
+    mask = torch.rand(4, 8, 200, generator=generator(300, "cuda"), device="cuda") < 0.8
     for kernel in ("linear", "rbf"):
         got = mk.cka(x, y, mask=mask, kernel=kernel, backend="triton")
         ref = mk.cka(x.double(), y.double(), mask=mask, kernel=kernel, backend="torch")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mipic_kernels as mk
+from tests.seeding import generator
 from tests import numpy_reference as npref
 
 SMOOTH_OPTIONS = [
@@ -22,11 +23,11 @@ K_MODES = [dict(k=None), dict(k=4), dict(k=[0.5, 6, 1.0], k_min=4)]
 
 
 def _x(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(*shape, generator=generator(seed), dtype=torch.float64)
 
 
 def _mask(lead, t, seed):
-    mask = torch.rand(*lead, t, generator=torch.Generator().manual_seed(seed)) < 0.8
+    mask = torch.rand(*lead, t, generator=generator(seed)) < 0.8
     mask[..., :5] = True
     return mask
 

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 import mipic_kernels as mk
+from tests.seeding import generator
 
 
 def _x(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(*shape, generator=generator(seed), dtype=torch.float64)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_loss_is_the_weighted_reduction_of_one_minus_cka(reduction):
     x, scores = _x(3, 4, 20, 12, seed=1), _x(3, 4, 20, seed=2)
-    mask = torch.rand(3, 4, 20, generator=torch.Generator().manual_seed(3)) < 0.7
+    mask = torch.rand(3, 4, 20, generator=generator(3)) < 0.7
     mask[0, 0, 1:] = False  # an undefined entry: one real token
     opts = dict(k=[0.3, 0.6, 0.9], k_min=4, kernel="rbf", unbiased=True)
     loss = mk.NestedCKALoss([3, 6, 9], weights=[0.5, 1.0, 2.0], reduction=reduction, **opts)
@@ -50,8 +51,7 @@ def test_loss_gradient_is_finite_with_constant_tokens():
 
 
 def test_loss_decreases_under_gradient_descent():
-    torch.manual_seed(6)
-    x = torch.randn(4, 16, 10, dtype=torch.float64, requires_grad=True)
+    x = _x(4, 16, 10, seed=6).requires_grad_()
     loss_fn = mk.NestedCKALoss([2, 5], k=[0.5, 0.8], k_min=4)
     opt = torch.optim.Adam([x], lr=0.05)
     first = loss_fn(x).item()

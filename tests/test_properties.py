@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mipic_kernels as mk
+from tests.seeding import generator
 
 OPTIONS = [
     dict(kernel="linear", unbiased=False),
@@ -19,7 +20,7 @@ TOL = dict(rtol=1e-9, atol=1e-10)
 
 
 def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(*shape, generator=generator(seed), dtype=torch.float64)
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=str)
@@ -39,8 +40,8 @@ def test_cka_with_itself_is_one(opts):
 @pytest.mark.parametrize("opts", OPTIONS, ids=str)
 def test_token_permutation_invariance(opts):
     x, scores = _x(2, 29, 13, seed=1), _x(2, 29, seed=2)
-    mask = torch.rand(2, 29, generator=torch.Generator().manual_seed(3)) < 0.8
-    perm = torch.randperm(29, generator=torch.Generator().manual_seed(4))
+    mask = torch.rand(2, 29, generator=generator(3)) < 0.8
+    perm = torch.randperm(29, generator=generator(4))
     kw = dict(k=[0.3, 0.6, 9], k_min=4, **opts)
     a = mk.nested_cka(x, [3, 7, 12], scores=scores, mask=mask, **kw)
     b = mk.nested_cka(x[:, perm], [3, 7, 12], scores=scores[:, perm], mask=mask[:, perm], **kw)

@@ -8,7 +8,6 @@ float32 arithmetic on O(1) inputs with n <= 100 rows loses at most a few hundred
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -39,6 +39,7 @@ pytest.importorskip("triton")
 import mipic_kernels as mk  # noqa: E402
 from mipic_kernels.triton import launch  # noqa: E402
 from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
+from tests.seeding import SESSION_SEED, generator  # noqa: E402
 
 OPTIONS = [
     dict(kernel="linear", unbiased=False),
@@ -51,26 +52,13 @@ OPTIONS = [
 K_MODES = [dict(k=None), dict(k=5, k_min=2), dict(k=[0.3, 6, 1.0], k_min=4)]
 VALUE_FLOOR = 2e-6
 GRAD_FLOOR = 2e-5
-# Fresh inputs on every run; MIPIC_TEST_SEED replays one.
-BASE_SEED = int(os.environ.get("MIPIC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-
-
-@pytest.fixture(autouse=True)
-def _print_seed(request):
-    print(f"{request.node.nodeid}: MIPIC_TEST_SEED={BASE_SEED}")
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(BASE_SEED + seed)
-
-
 def _states(*shape: int, seed: int, offset: float = 4.0) -> torch.Tensor:
     """Hidden-state-like rows: a large common offset plus unit noise."""
-    return torch.randn(*shape, generator=_gen(seed)) + offset * torch.randn(shape[-1], generator=_gen(seed + 1))
+    return torch.randn(*shape, generator=generator(seed)) + offset * torch.randn(shape[-1], generator=generator(seed + 1))
 
 
 def _mask(lead: tuple[int, ...], t: int, seed: int) -> torch.Tensor:
-    mask = torch.rand(*lead, t, generator=_gen(seed)) < 0.75
+    mask = torch.rand(*lead, t, generator=generator(seed)) < 0.75
     mask[..., :3] = True
     flat = mask.view(-1, t)
     flat[-1, 4:] = False  # one example with 4 real tokens: small-n entries
@@ -81,7 +69,7 @@ def _run(fn, x_list, upstream_seed: int):
     """Value and input gradients of ``fn(*x_list)`` for an upstream gradient != 1."""
     leaves = [x.detach().clone().requires_grad_() for x in x_list]
     value = fn(*leaves)
-    upstream = torch.rand(value.shape, generator=_gen(upstream_seed)).to(value) * 2 - 0.5
+    upstream = torch.rand(value.shape, generator=generator(upstream_seed)).to(value) * 2 - 0.5
     grads = torch.autograd.grad(value, leaves, upstream)
     return value.detach(), grads
 
@@ -90,7 +78,7 @@ def _compare(fn, inputs, *, seed: int):
     """Triton (float32) vs the float32 and float64 references: values and gradients."""
     dev = [x.to(DEVICE) for x in inputs]
     value, grads = _run(lambda *a: fn(*a, backend="triton"), dev, seed)
-    runs32 = float32_runs(lambda a: _run(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=BASE_SEED)
+    runs32 = float32_runs(lambda a: _run(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=SESSION_SEED)
     ref64, grads64 = _run(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
     assert value.dtype == torch.float32
     assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
@@ -160,7 +148,7 @@ def test_half_precision_inputs(opts, dtype):
                              detach_full=False, backend=backend, **opts)
 
     value, (grad,) = _run(lambda a: fn(a, "triton"), [x.to(DEVICE)], 42)
-    runs32 = float32_runs(lambda a: _run(lambda b: fn(b, "torch"), a, 42), [x], seed=BASE_SEED)
+    runs32 = float32_runs(lambda a: _run(lambda b: fn(b, "torch"), a, 42), [x], seed=SESSION_SEED)
     ref64, (grad64,) = _run(lambda a: fn(a, "torch"), [x.double()], 42)
     assert value.dtype == torch.float32 and grad.dtype == dtype
     assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
@@ -266,8 +254,8 @@ def test_unbiased_self_hsic_vanishing_for_spread_out_tokens_is_nan():
     # One token away from five that coincide: the U-centred linear Gram is 0, and
     # the RBF median distance is 0.
     x[:, 0, 0] = 1.0
-    x[1] += torch.randn(6, 3, generator=_gen(110))
-    y = torch.randn(2, 6, 4, generator=_gen(111))
+    x[1] += torch.randn(6, 3, generator=generator(110))
+    y = torch.randn(2, 6, 4, generator=generator(111))
     for kernel in ("linear", "rbf"):
         def fn(x, y, backend):
             return mk.cka(x, y, kernel=kernel, unbiased=True, backend=backend)
