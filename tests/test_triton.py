@@ -52,9 +52,12 @@ OPTIONS = [
 K_MODES = [dict(k=None), dict(k=5, k_min=2), dict(k=[0.3, 6, 1.0], k_min=4)]
 VALUE_FLOOR = 2e-6
 GRAD_FLOOR = 2e-5
+
+
 def _states(*shape: int, seed: int, offset: float = 4.0) -> torch.Tensor:
     """Hidden-state-like rows: a large common offset plus unit noise."""
-    return torch.randn(*shape, generator=generator(seed)) + offset * torch.randn(shape[-1], generator=generator(seed + 1))
+    noise = torch.randn(*shape, generator=generator(seed))
+    return noise + offset * torch.randn(shape[-1], generator=generator(seed + 1))
 
 
 def _mask(lead: tuple[int, ...], t: int, seed: int) -> torch.Tensor:
