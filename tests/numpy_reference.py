@@ -5,9 +5,10 @@ over examples and widths, Python sorting for the ranking, exact fractions for ``
 so that it shares no code and no shortcut with ``mipic_kernels.reference``.
 
 HSIC is summed in extended precision (``np.longdouble``: a 64-bit significand on x86-64):
-with few rows the Song et al. formula cancels most of its terms, and in float64 it lost
-5e-10 of a CKA value at n = 4 where the reference's U-centring was exact to 1e-15
-(checked against 50-digit arithmetic). The test oracle must not be the less accurate side.
+with few rows the Song et al. formula cancels most of its terms, and in float64 it was
+4.9e-10 off a CKA value at n = 4 (test_cka_matches_numpy, MIPIC_TEST_SEED=1545511837), far
+outside the 1e-9 relative tolerance, where the reference's U-centring was right. The test
+oracle must not be the less accurate side.
 """
 
 from __future__ import annotations
