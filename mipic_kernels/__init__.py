@@ -3,6 +3,7 @@ top-k token selection, an eager reference and fused Triton kernels."""
 
 from .api import cka, nested_cka
 from .losses import NestedCKALoss
+from .pairwise import cka_matrix
 
-__all__ = ["cka", "nested_cka", "NestedCKALoss"]
+__all__ = ["cka", "nested_cka", "NestedCKALoss", "cka_matrix"]
 __version__ = "0.1.0"

@@ -1,0 +1,438 @@
+"""CKA of many pairs of row sets with every set's Gram formed once.
+
+Comparing every layer of one network with every layer of another takes ``La x Lb``
+CKA values over the same rows. Pair by pair, each layer's Gram would be formed and
+centred ``Lb`` (or ``La``) times. Here each input's kernel matrix is formed and centred
+once, and a pair costs one inner product of two centred ``n x n`` matrices, all pairs
+in one matrix product:
+
+    HSIC(K, L) = <C(K), C(L)>    C: double centring (biased) or U-centring (unbiased)
+
+This module serves :func:`mipic_kernels.cka` when the leading dims of ``x`` and ``y``
+differ (they broadcast as in torch), :func:`cka_matrix` and
+:class:`mipic_kernels.MinibatchCKA`. It follows :mod:`mipic_kernels.reference`, its
+twin in the tests, in every choice: the Gram of features shifted by the mean of the
+real rows (:func:`reference._centred_gram`), the same estimators and bandwidth rule,
+and NaN exactly where the reference gives NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import api
+from .selection import accumulation_dtype
+
+Features = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Side:
+    """The per-input statistics every pair is computed from.
+
+    The centred kernel matrix ``C`` is symmetric, so it is kept as its strictly upper
+    part ``upper`` ``(*, n, n)`` (zero elsewhere) and its ``diagonal`` ``(*, n)``
+    (None where it is zero: U-centring), both zero outside the real rows; then
+    ``<C_a, C_b> = 2 <upper_a, upper_b> + <diagonal_a, diagonal_b>``, and the Gram is
+    only ever formed on and above its diagonal.
+    ``hsic``: ``(*)`` self-HSIC ``<C, C>``; ``defined``: ``(*)`` whether the input has
+    enough rows and variance (the reference's rule, applied to one side);
+    ``rows``: ``(*)`` number of real rows.
+    """
+
+    upper: torch.Tensor
+    diagonal: Optional[torch.Tensor]
+    hsic: torch.Tensor
+    defined: torch.Tensor
+    rows: torch.Tensor
+
+
+def side_statistics(
+    x: Features,
+    mask: Optional[torch.Tensor],
+    *,
+    kernel: str,
+    unbiased: bool,
+    sigma: Optional[float],
+    rbf_threshold: float,
+    dtype: torch.dtype,
+) -> Side:
+    """:class:`Side` of ``x``: a ``(*, n, p)`` tensor or a sequence of ``(*, n, p_i)``
+    tensors (stacked along a new first dim after their Grams are formed, so widths
+    may differ). ``mask`` ``(*, n)`` bool broadcasts against the leading dims; None
+    means every row is real. Arguments are assumed validated."""
+    rows = None if mask is None else mask.to(dtype)
+    upper, diagonal, size = _shifted_grams([x] if isinstance(x, torch.Tensor) else list(x), rows, dtype)
+    if isinstance(x, torch.Tensor):
+        upper, diagonal, size = upper[0], diagonal[0], size[0]
+
+    if rows is None:
+        count = torch.full(upper.shape[:-2], float(upper.shape[-1]), dtype=dtype, device=upper.device)
+        pair = None
+    else:
+        count = rows.sum(-1).expand(upper.shape[:-2])
+        pair = rows[..., :, None] * rows[..., None, :]
+    hollow_rows = _hollow_row_sums(upper)
+    with torch.no_grad():
+        # sum_i |z_i - mean|^2; the Gram's total is ~0 after the shift, and subtracting
+        # it corrects for the shift's rounding as the reference does.
+        trace = diagonal.sum(-1)
+        spread = trace - (hollow_rows.sum(-1) + trace) / count.clamp(min=1)
+    if kernel == "linear":
+        ok = torch.ones_like(count, dtype=torch.bool)
+    else:
+        upper, diagonal, ok = _rbf_kernel(upper, diagonal, rows, pair, count, sigma, rbf_threshold)
+        hollow_rows = _hollow_row_sums(upper)
+    upper, diagonal = _centre(upper, diagonal, hollow_rows, rows, pair, count, unbiased)
+    hsic = 2 * torch.linalg.vector_norm(upper, dim=(-2, -1)).square()
+    if diagonal is not None:
+        hsic = hsic + diagonal.square().sum(-1)
+
+    with torch.no_grad():
+        tol = count * torch.finfo(dtype).eps
+        scale = spread.square() if kernel == "linear" else count.square()
+        defined = (
+            (count >= (4 if unbiased else 2)) & ok
+            & (spread > tol * size) & (hsic > tol.square() * scale)
+        )
+    return Side(upper, diagonal, hsic, defined, count)
+
+
+def cross_hsic(a: Side, b: Side) -> torch.Tensor:
+    """``<C_a, C_b>`` for every pair, the leading dims of ``a`` and ``b`` broadcast
+    (as one batched matrix product: the broadcast is never materialised)."""
+    value = 2 * torch.einsum("...ij,...ij->...", a.upper, b.upper)
+    if a.diagonal is not None and b.diagonal is not None:
+        value = value + torch.einsum("...i,...i->...", a.diagonal, b.diagonal)
+    return value
+
+
+def every_pair(a: Side, b: Side) -> torch.Tensor:
+    """``<C_a[i], C_b[j]>`` ``(La, Lb, *)`` for sides with leading dims ``(La, *)`` and
+    ``(Lb, *)``."""
+    return cross_hsic(_outer(a, 1), _outer(b, 0))
+
+
+def cka_values(
+    cross: torch.Tensor, hsic_a: torch.Tensor, hsic_b: torch.Tensor, defined: torch.Tensor
+) -> torch.Tensor:
+    """``cross / sqrt(hsic_a * hsic_b)`` where ``defined``, NaN elsewhere; the
+    arguments broadcast. Gradients stay finite everywhere."""
+    one = torch.ones_like(cross)
+    denom = torch.sqrt(torch.where(defined, hsic_a, one) * torch.where(defined, hsic_b, one))
+    value = torch.where(defined, cross, torch.zeros_like(cross)) / denom
+    return torch.where(defined, value, torch.full_like(value, math.nan))
+
+
+def broadcast_cka(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor],
+    kernel: str,
+    unbiased: bool,
+    sigma: Optional[float],
+    rbf_threshold: float,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`mipic_kernels.cka` for ``x (*a, n, p)`` and ``y (*b, n, q)`` whose leading
+    dims differ but broadcast; the row counts were checked by the caller."""
+    try:
+        lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading dims of x {tuple(x.shape[:-2])} and y {tuple(y.shape[:-2])} must "
+            "broadcast (equal, or 1 on one side, aligned from the right)"
+        ) from None
+    api._check_same_device("y", y, x)
+    mask = _check_broadcast_mask(mask, x, lead)
+    kernel, sigma = api._check_kernel(kernel, sigma, rbf_threshold)
+    if backend == "triton":
+        # The fused kernels take one pair per row set: expand, and let them run.
+        shape_x, shape_y = (*lead, *x.shape[-2:]), (*lead, *y.shape[-2:])
+        full_mask = None if mask is None else mask.expand(*lead, x.shape[-2])
+        return api.cka(
+            x.expand(shape_x), y.expand(shape_y), mask=full_mask, kernel=kernel, unbiased=unbiased,
+            sigma=sigma, rbf_threshold=rbf_threshold, backend=backend,
+        )
+    if backend not in api.BACKENDS:
+        raise ValueError(f"backend must be one of {api.BACKENDS}; got {backend!r}")
+    _check_finite("x", x)
+    _check_finite("y", y)
+    options = dict(
+        kernel=kernel, unbiased=bool(unbiased), sigma=sigma, rbf_threshold=float(rbf_threshold),
+        dtype=accumulation_dtype(x.dtype),
+    )
+    a = side_statistics(x, mask, **options)
+    b = side_statistics(y, mask, **options)
+    return cka_values(cross_hsic(a, b), a.hsic, b.hsic, a.defined & b.defined)
+
+
+def cka_matrix(
+    xs: Features,
+    ys: Optional[Features] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    kernel: str = "linear",
+    unbiased: bool = False,
+    sigma: Optional[float] = None,
+    rbf_threshold: float = 1.0,
+) -> torch.Tensor:
+    """CKA between every input of ``xs`` and every input of ``ys`` over the same rows.
+
+    Each input's kernel matrix is formed and centred once; every pair's statistics come
+    from the shared matrices. Equal to ``cka(xs[:, None], ys[None])`` for stacked
+    tensors, and to :func:`mipic_kernels.cka` on each pair.
+
+    Args:
+        xs: ``(La, *, n, p)`` tensor, or a sequence of ``La`` tensors ``(*, n, p_i)``
+            (e.g. the layers of one network; widths may differ).
+        ys: the same for the other side, ``Lb`` inputs over the same ``n`` rows and
+            leading dims ``*``; None compares ``xs`` with itself (a symmetric map, each
+            Gram formed once).
+        mask: optional ``(*, n)`` bool tensor, True for real rows, shared by all inputs.
+        kernel, unbiased, sigma, rbf_threshold: as in :func:`mipic_kernels.cka`
+            (without ``sigma`` every input gets its own median bandwidth).
+
+    Returns:
+        ``(La, Lb, *)``, float64 for float64 inputs and float32 otherwise; NaN exactly
+        where :func:`mipic_kernels.cka` of that pair is NaN. Differentiable.
+    """
+    first = stack_features("xs", xs)
+    second = first if ys is None else stack_features("ys", ys)
+    _check_alike("ys", second, first[0], "xs[0]")
+    mask = api._check_mask(mask, first[0]) if mask is not None else None
+    kernel, sigma = api._check_kernel(kernel, sigma, rbf_threshold)
+    options = dict(
+        kernel=kernel, unbiased=bool(unbiased), sigma=sigma, rbf_threshold=float(rbf_threshold),
+        dtype=accumulation_dtype(first[0].dtype),
+    )
+    a = side_statistics(first, mask, **options)
+    if ys is None:
+        cross = every_pair(a, a)
+        # One side against itself: exactly symmetric, as the map it represents.
+        cross = (cross + cross.transpose(0, 1)) / 2
+        b = a
+    else:
+        b = side_statistics(second, mask, **options)
+        cross = every_pair(a, b)
+    defined = a.defined[:, None] & b.defined[None, :]
+    return cka_values(cross, a.hsic[:, None], b.hsic[None, :], defined)
+
+
+def stack_features(name: str, xs: object) -> list[torch.Tensor]:
+    """The inputs of one side as a list of ``(*, n, p_i)`` tensors, checked alike:
+    same dtype, device, leading dims and row count, finite."""
+    if isinstance(xs, torch.Tensor):
+        api._check_features(name, xs, min_dim=3)
+        if xs.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one input, shape (L >= 1, *, n, p); got {tuple(xs.shape)}")
+        _check_finite(name, xs)
+        return list(xs.unbind(0))
+    if isinstance(xs, (str, bytes)) or not isinstance(xs, Sequence) or len(xs) == 0:
+        raise TypeError(
+            f"{name} must be a (L, *, n, p) tensor or a non-empty sequence of (*, n, p) tensors; "
+            f"got {type(xs).__name__}"
+        )
+    out = []
+    for i, t in enumerate(xs):
+        api._check_features(f"{name}[{i}]", t, min_dim=2)
+        _check_finite(f"{name}[{i}]", t)
+        out.append(t)
+    _check_alike(name, out, out[0], f"{name}[0]")
+    return out
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    # One reduction instead of an elementwise test: the sum is finite unless an entry
+    # is NaN or inf, or the sum overflows, which the elementwise test then clears.
+    if not bool(torch.isfinite(t.sum())):
+        api._check_finite(name, t)
+
+
+def _check_alike(name: str, got: list[torch.Tensor], like: torch.Tensor, like_name: str) -> None:
+    for i, t in enumerate(got):
+        where = f"{name}[{i}]"
+        if t.shape[:-1] != like.shape[:-1]:
+            raise ValueError(
+                f"{where} must have the leading dims and row count of {like_name}, "
+                f"{tuple(like.shape[:-1])} + (p,); got shape {tuple(t.shape)}"
+            )
+        if t.dtype != like.dtype:
+            raise TypeError(f"{where} must have the dtype of {like_name} ({like.dtype}); got {t.dtype}")
+        api._check_same_device(where, t, like)
+
+
+def _check_broadcast_mask(
+    mask: Optional[torch.Tensor], x: torch.Tensor, lead: torch.Size
+) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    want = (*lead, x.shape[-2])
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor that broadcasts to {want}; got {got}")
+    try:
+        fits = torch.broadcast_shapes(mask.shape, want) == torch.Size(want)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask must broadcast to {want} (the broadcast leading dims + n); got {tuple(mask.shape)}")
+    api._check_same_device("mask", mask, x)
+    return mask
+
+
+def _outer(s: Side, at: int) -> Side:
+    """``s`` with a size-1 dim inserted at ``at`` (1 or 0)."""
+    diagonal = None if s.diagonal is None else s.diagonal.unsqueeze(at)
+    return Side(s.upper.unsqueeze(at), diagonal, s.hsic.unsqueeze(at), s.defined.unsqueeze(at), s.rows.unsqueeze(at))
+
+
+# Row blocks of the Gram product: big enough for an efficient matrix product, small
+# enough that skipping the blocks below the diagonal pays.
+_GRAM_BLOCK = 128
+
+
+def _shifted_grams(
+    tensors: list[torch.Tensor], rows: Optional[torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gram of each ``(*, n, p_i)`` tensor shifted by the mean of its real rows
+    (padding rows zeroed), as :func:`reference._centred_gram` forms it, stacked along a
+    new first dim as its strictly upper part and its diagonal; and ``sum_i |z_i|^2`` of
+    the unshifted real rows (the scale "no variance" is judged against).
+
+    Only the row blocks on and above the diagonal are multiplied: about ``(b + 1) / 2b``
+    of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). Each input is shifted
+    and multiplied on its own, straight into the stacked result, so that no temporary
+    as large as all inputs together is allocated: fresh memory, page by page, costs as
+    much as the arithmetic here.
+    """
+    lead = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors), () if rows is None else rows.shape[:-1])
+    n = tensors[0].shape[-2]
+    gram = torch.empty(len(tensors), *lead, n, n, dtype=dtype, device=tensors[0].device)
+    sizes = []
+    for i, t in enumerate(tensors):
+        z, out = t.to(dtype), gram[i]
+        if rows is None:
+            shifted = z - z.mean(-2, keepdim=True)
+            sizes.append(torch.linalg.vector_norm(z, dim=(-2, -1)).square().expand(lead))
+        else:
+            weights = rows[..., None]
+            mean = (z * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
+            shifted = (z - mean) * weights
+            sizes.append(torch.linalg.vector_norm(z * weights, dim=(-2, -1)).square())
+        shifted = shifted.expand(*lead, n, z.shape[-1])
+        for lo in range(0, n, _GRAM_BLOCK):
+            hi = min(lo + _GRAM_BLOCK, n)
+            block = out[..., lo:hi, lo:]
+            if torch.is_grad_enabled() and shifted.requires_grad:
+                block.copy_(shifted[..., lo:hi, :] @ shifted[..., lo:, :].mT)
+            else:  # no temporary
+                torch.matmul(shifted[..., lo:hi, :], shifted[..., lo:, :].mT, out=block)
+    diagonal = gram.diagonal(dim1=-2, dim2=-1).clone()  # the rest below the blocks: cleared next
+    return gram.triu_(1), diagonal, torch.stack(sizes).detach()
+
+
+def _hollow_row_sums(upper: torch.Tensor) -> torch.Tensor:
+    """Row sums, diagonal left out, of the symmetric matrix with strictly upper part
+    ``upper``: its row sums plus its column sums."""
+    return upper.sum(-1) + upper.sum(-2)
+
+
+def _rbf_kernel(
+    upper: torch.Tensor,
+    diagonal: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    pair: Optional[torch.Tensor],
+    count: torch.Tensor,
+    sigma: Optional[float],
+    rbf_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The RBF kernel matrix of a Gram given as (strictly upper part, diagonal), in the
+    same form and zero outside the real rows, and a usable-bandwidth flag."""
+    n = upper.shape[-1]
+    strict = torch.ones(n, n, dtype=torch.bool, device=upper.device).triu(1)
+    if pair is not None:
+        strict = strict & (pair > 0)
+    dist = (diagonal[..., :, None] + diagonal[..., None, :] - 2 * upper).clamp(min=0)
+    dist = torch.where(strict, dist, torch.zeros_like(dist))
+    if sigma is not None:
+        bandwidth = torch.full_like(count, sigma * sigma)
+    else:
+        bandwidth = rbf_threshold**2 * _median(dist.detach(), strict, None if pair is None else count)
+    ok = (bandwidth > 0) & torch.isfinite(bandwidth)
+    bandwidth = torch.where(ok, bandwidth, torch.ones_like(bandwidth))
+    k = torch.exp(dist / (-2 * bandwidth[..., None, None]))
+    k = torch.where(strict, k, torch.zeros_like(k))
+    ones = torch.ones_like(diagonal) if rows is None else rows.expand_as(diagonal)
+    return k, ones, ok
+
+
+def _median(dist: torch.Tensor, strict: torch.Tensor, count: Optional[torch.Tensor]) -> torch.Tensor:
+    """numpy's median of the ``m * m`` squared distances among each entry's ``m`` real
+    rows, zero diagonal included, from the strictly upper part (``strict``): in the
+    sorted full list the ``m`` zeros come first and every value above the diagonal
+    then appears twice. ``count`` holds ``m``; None means every entry has all ``n``
+    rows, and then a selection (``kthvalue``) replaces the sort."""
+    n = dist.shape[-1]
+    flat = torch.where(strict, dist, torch.full_like(dist, math.inf)).flatten(-2)
+    if count is None:
+        def at(k: int) -> torch.Tensor:
+            if k < n:
+                return torch.zeros_like(flat[..., 0])
+            return torch.kthvalue(flat, (k - n) // 2 + 1, dim=-1).values
+
+        lo, hi = (n * n - 1) // 2, n * n // 2
+        return at(lo) if lo == hi else 0.5 * (at(lo) + at(hi))
+    if flat.shape[-1] == 0:
+        return flat.sum(-1)
+    m = count.to(torch.int64)
+    ordered = torch.sort(flat, dim=-1).values
+
+    def gathered(k: torch.Tensor) -> torch.Tensor:
+        index = ((k - m) // 2).clamp(min=0, max=flat.shape[-1] - 1)
+        value = ordered.gather(-1, index[..., None]).squeeze(-1)
+        return torch.where(k < m, torch.zeros_like(value), value)
+
+    total = m * m
+    return 0.5 * (gathered((total - 1).clamp(min=0) // 2) + gathered(total // 2))
+
+
+def _centre(
+    upper: torch.Tensor,
+    diagonal: torch.Tensor,
+    hollow_rows: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    pair: Optional[torch.Tensor],
+    count: torch.Tensor,
+    unbiased: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The centred kernel matrix as in :class:`Side` (``upper``, ``diagonal``) from the
+    kernel matrix's strictly upper part, which it overwrites, its diagonal (both zero
+    outside the real rows) and :func:`_hollow_row_sums`.
+
+    Unbiased: Székely and Rizzo's U-centring (zero diagonal),
+    ``U_ij = K_ij - r_i / (n - 2) - r_j / (n - 2) + sum(r) / ((n - 1) (n - 2))`` with
+    ``r`` the row sums of ``K`` without its diagonal, so that ``<U(K), U(L)>`` is the
+    unbiased HSIC times ``n (n - 3)``. Biased: ``H K H``.
+    """
+    if unbiased:
+        n = torch.where(count >= 4, count, torch.full_like(count, 4))
+        row = hollow_rows / (n[..., None] - 2)
+        total = row.sum(-1) / (n - 1)
+    else:
+        n = count.clamp(min=1)
+        row = (hollow_rows + diagonal) / n[..., None]
+        total = row.sum(-1) / n
+    # In place: an n x n temporary per input costs more than the arithmetic.
+    centred = upper.sub_(row[..., :, None]).sub_((row - total[..., None])[..., None, :]).triu_(1)
+    if pair is not None:
+        centred.mul_(pair)
+    if unbiased:
+        return centred, None
+    on_diagonal = diagonal - 2 * row + total[..., None]
+    return centred, (on_diagonal if rows is None else on_diagonal * rows)
