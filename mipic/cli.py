@@ -1,4 +1,4 @@
-"""``mipic train`` and ``mipic eval``."""
+"""``mipic train``, ``mipic eval`` and ``mipic cka-map``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--layers", help="comma-separated layers to score as well, or 'all'")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--json", help="write {task: {width: score}} to this file")
+
+    from .cka_map import add_parser as add_cka_map
+
+    add_cka_map(commands)
     return parser
 
 
@@ -57,6 +61,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = train(cfg, args.output, resume=args.resume)
             print(f"model saved to {out}")
             return 0
+        if args.command == "cka-map":
+            from .cka_map import run
+
+            return run(args)
 
         from .evaluate import evaluate, format_table
 
