@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import api
-from .pairwise import Features, every_pair, side_statistics, stack_features
+from .pairwise import Features, as_stack, every_pair, side_statistics, stack_features
 from .selection import accumulation_dtype
 
 MIN_ROWS = 4
@@ -107,8 +107,8 @@ class MinibatchCKA:
             kernel=self.kernel, unbiased=True, sigma=self.sigma, rbf_threshold=self.rbf_threshold,
             dtype=accumulation_dtype(first[0].dtype),
         )
-        a = side_statistics(first, mask, **options)
-        b = a if ys is None else side_statistics(second, mask, **options)
+        a = side_statistics(as_stack(xs, first), mask, **options)
+        b = a if ys is None else side_statistics(as_stack(ys, second), mask, **options)
         cross = every_pair(a, b)
         cross = torch.where(a.defined[:, None] & b.defined[None, :], cross, torch.zeros_like(cross))
         scale = rows * (rows - 3)
