@@ -335,11 +335,9 @@ def _shifted_grams(
         shifted = shifted.expand(*lead, n, z.shape[-1])
         for lo in range(0, n, _GRAM_BLOCK):
             hi = min(lo + _GRAM_BLOCK, n)
-            block = out[..., lo:hi, lo:]
-            if torch.is_grad_enabled() and shifted.requires_grad:
-                block.copy_(shifted[..., lo:hi, :] @ shifted[..., lo:, :].mT)
-            else:  # no temporary
-                torch.matmul(shifted[..., lo:hi, :], shifted[..., lo:, :].mT, out=block)
+            # Product then copy: matmul(out=) into this strided block is several times
+            # slower with two threads.
+            out[..., lo:hi, lo:] = shifted[..., lo:hi, :] @ shifted[..., lo:, :].mT
     diagonal = gram.diagonal(dim1=-2, dim2=-1).clone()  # the rest below the blocks: cleared next
     return gram.triu_(1), diagonal, torch.stack(sizes).detach()
 
