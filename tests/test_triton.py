@@ -278,3 +278,16 @@ def test_nested_cka_loss_module(opts):
         return loss(x, scores="cls", mask=mask.to(x.device))
 
     _compare(fn, [x], seed=122)
+
+
+@pytest.mark.parametrize("opts", [OPTIONS[1], OPTIONS[3]], ids=str)
+def test_cka_with_broadcast_leading_dims(opts):
+    # backend="triton" expands the broadcast pairs; the torch backend shares the Grams.
+    x = _states(3, 11, 9, seed=130)
+    y = _states(2, 11, 6, seed=131)
+    mask = _mask((3, 2), 11, seed=132)
+
+    def fn(x, y, backend):
+        return mk.cka(x[:, None], y[None], mask=mask.to(x.device), backend=backend, **opts)
+
+    assert _compare(fn, [x, y], seed=133).shape == (3, 2)
