@@ -40,15 +40,13 @@ class Side:
     ``<C_a, C_b> = 2 <upper_a, upper_b> + <diagonal_a, diagonal_b>``, and the Gram is
     only ever formed on and above its diagonal. Inner products are float64.
     ``hsic``: ``(*)`` self-HSIC ``<C, C>``; ``defined``: ``(*)`` whether the input has
-    enough rows and variance (the reference's rule, applied to one side);
-    ``rows``: ``(*)`` number of real rows.
+    enough rows and variance (the reference's rule, applied to one side).
     """
 
     upper: torch.Tensor
     diagonal: Optional[torch.Tensor]
     hsic: torch.Tensor
     defined: torch.Tensor
-    rows: torch.Tensor
 
 
 def side_statistics(
@@ -99,7 +97,7 @@ def side_statistics(
             (count >= (4 if unbiased else 2)) & ok
             & (spread > tol * size) & (hsic > tol.square() * scale)
         )
-    return Side(upper, diagonal, hsic, defined, count)
+    return Side(upper, diagonal, hsic, defined)
 
 
 def cross_hsic(a: Side, b: Side) -> torch.Tensor:
@@ -296,7 +294,7 @@ def _check_broadcast_mask(
 def _outer(s: Side, at: int) -> Side:
     """``s`` with a size-1 dim inserted at ``at`` (1 or 0)."""
     diagonal = None if s.diagonal is None else s.diagonal.unsqueeze(at)
-    return Side(s.upper.unsqueeze(at), diagonal, s.hsic.unsqueeze(at), s.defined.unsqueeze(at), s.rows.unsqueeze(at))
+    return Side(s.upper.unsqueeze(at), diagonal, s.hsic.unsqueeze(at), s.defined.unsqueeze(at))
 
 
 # Row blocks of the Gram product: big enough for an efficient matrix product, small
@@ -313,10 +311,10 @@ def _shifted_grams(
     the unshifted real rows (the scale "no variance" is judged against).
 
     Only the row blocks on and above the diagonal are multiplied: about ``(b + 1) / 2b``
-    of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). Each input is shifted
-    and multiplied on its own, straight into the stacked result, so that no temporary
-    as large as all inputs together is allocated: fresh memory, page by page, costs as
-    much as the arithmetic here.
+    of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). The tensors of a
+    sequence (widths may differ) are shifted and multiplied one at a time, straight into
+    the stacked result; a stacked tensor is one input, its layers batched in each
+    product.
     """
     lead = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors), () if rows is None else rows.shape[:-1])
     n = tensors[0].shape[-2]
