@@ -66,12 +66,13 @@ class Workload:
     layers_b: Optional[int]  # None: model A against itself
     rows: tuple[int, ...]  # rows of each minibatch
     width: int
+    related: bool = True  # the layers share a signal; False: independent layers (CKA near 0)
 
     @property
     def shape(self) -> str:
         b = "self" if self.layers_b is None else str(self.layers_b)
-        sizes = sorted(set(self.rows))
-        rows = "/".join(str(r) for r in sizes)
+        low, high = min(self.rows), max(self.rows)
+        rows = str(low) if low == high else f"{low}-{high}"
         return f"La{self.layers_a} Lb{b} {len(self.rows)}x n{rows} w{self.width}"
 
 
@@ -85,17 +86,20 @@ WORKLOADS = {
                  7, 7, (1003, 987, 1112, 995, 1101, 990, 1008, 1099), 384),
         Workload("self", "one model against itself: 13 layers, 4 minibatches of 256 rows, width 768",
                  13, None, (256,) * 4, 768),
+        Workload("independent", "7 x 7 unrelated layers (CKA near 0, often below): 4 minibatches of 64 rows",
+                 7, 7, (64,) * 4, 384, related=False),
     )
 }
 
 
 def make_features(workload: Workload, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[tuple]:
     """Per minibatch, ``(xs, ys)``: hidden-state-like layers ``(L, n, width)`` that share
-    a signal (so the map has structure) plus noise and a common offset per feature,
-    as real hidden states carry; ``ys`` is None for a self map."""
+    a signal (so the map has structure; none for an unrelated workload) plus noise and
+    a common offset per feature, as real hidden states carry; ``ys`` is None for a
+    self map."""
     gen = torch.Generator().manual_seed(seed)
     layers = workload.layers_a + (workload.layers_b or 0)
-    mixing = torch.randn(layers, 8, workload.width, generator=gen) / math.sqrt(8)
+    mixing = torch.randn(layers, 8, workload.width, generator=gen) / math.sqrt(8) * float(workload.related)
     offset = 2.0 * torch.randn(layers, 1, workload.width, generator=gen)
     out = []
     for n in workload.rows:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import api
-from .pairwise import Features, as_stack, every_pair, side_statistics, stack_features
+from .pairwise import Features, every_pair, layer_stacks, side_statistics, stack_features, take
 from .selection import accumulation_dtype
 
 MIN_ROWS = 4
@@ -107,8 +107,10 @@ class MinibatchCKA:
             kernel=self.kernel, unbiased=True, sigma=self.sigma, rbf_threshold=self.rbf_threshold,
             dtype=accumulation_dtype(first[0].dtype),
         )
-        a = side_statistics(as_stack(xs, first), mask, **options)
-        b = a if ys is None else side_statistics(as_stack(ys, second), mask, **options)
+        parts = layer_stacks(xs, first) + ([] if ys is None else layer_stacks(ys, second))
+        both = side_statistics(parts, mask, **options)  # both sides in one stack
+        a = take(both, slice(0, len(first)))
+        b = a if ys is None else take(both, slice(len(first), None))
         cross = every_pair(a, b)
         cross = torch.where(a.defined[:, None] & b.defined[None, :], cross, torch.zeros_like(cross))
         scale = rows * (rows - 3)

@@ -50,7 +50,7 @@ class Side:
 
 
 def side_statistics(
-    x: Features,
+    parts: Sequence[torch.Tensor],
     mask: Optional[torch.Tensor],
     *,
     kernel: str,
@@ -59,14 +59,13 @@ def side_statistics(
     rbf_threshold: float,
     dtype: torch.dtype,
 ) -> Side:
-    """:class:`Side` of ``x``: a ``(*, n, p)`` tensor or a sequence of ``(*, n, p_i)``
-    tensors (stacked along a new first dim after their Grams are formed, so widths
-    may differ). ``mask`` ``(*, n)`` bool broadcasts against the leading dims; None
-    means every row is real. Arguments are assumed validated."""
+    """:class:`Side` of inputs stacked along a first dim: ``parts`` are ``(L_i, *, n,
+    p_i)`` tensors (widths may differ between parts), giving leading dims
+    ``(sum L_i, *)``; every step after the Grams runs once on the whole stack.
+    ``mask`` ``(*, n)`` bool broadcasts against ``*``; None means every row is real.
+    Arguments are assumed validated."""
     rows = None if mask is None else mask.to(dtype)
-    upper, diagonal, size = _shifted_grams([x] if isinstance(x, torch.Tensor) else list(x), rows, dtype)
-    if isinstance(x, torch.Tensor):
-        upper, diagonal, size = upper[0], diagonal[0], size[0]
+    upper, diagonal, size = _shifted_grams(parts, rows, dtype)
 
     if rows is None:
         count = torch.full(upper.shape[:-2], float(upper.shape[-1]), dtype=dtype, device=upper.device)
@@ -107,6 +106,19 @@ def cross_hsic(a: Side, b: Side) -> torch.Tensor:
     if a.diagonal is not None and b.diagonal is not None:
         value = value + torch.einsum("...i,...i->...", a.diagonal.to(torch.float64), b.diagonal.to(torch.float64))
     return value
+
+
+def layer_stacks(xs: Features, layers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One side's inputs as :func:`side_statistics` takes them: a stacked ``(L, *, n,
+    p)`` tensor whole (its Grams formed in batched products: few large operations,
+    which matter on busy cores), a sequence (its checked ``layers``) one by one."""
+    return [xs] if isinstance(xs, torch.Tensor) else [t[None] for t in layers]
+
+
+def take(s: Side, index: Union[int, slice]) -> Side:
+    """``s`` indexed along its first dim."""
+    diagonal = None if s.diagonal is None else s.diagonal[index]
+    return Side(s.upper[index], diagonal, s.hsic[index], s.defined[index])
 
 
 def every_pair(a: Side, b: Side) -> torch.Tensor:
@@ -165,8 +177,8 @@ def broadcast_cka(
         kernel=kernel, unbiased=bool(unbiased), sigma=sigma, rbf_threshold=float(rbf_threshold),
         dtype=accumulation_dtype(x.dtype),
     )
-    a = side_statistics(x, mask, **options)
-    b = side_statistics(y, mask, **options)
+    a = take(side_statistics([x[None]], mask, **options), 0)
+    b = take(side_statistics([y[None]], mask, **options), 0)
     return cka_values(cross_hsic(a, b), a.hsic, b.hsic, a.defined & b.defined).to(options["dtype"])
 
 
@@ -209,24 +221,18 @@ def cka_matrix(
         kernel=kernel, unbiased=bool(unbiased), sigma=sigma, rbf_threshold=float(rbf_threshold),
         dtype=accumulation_dtype(first[0].dtype),
     )
-    a = side_statistics(as_stack(xs, first), mask, **options)
+    parts = layer_stacks(xs, first) + ([] if ys is None else layer_stacks(ys, second))
+    both = side_statistics(parts, mask, **options)  # both sides in one stack
+    a, b = take(both, slice(0, len(first))), take(both, slice(len(first), None))
     if ys is None:
+        b = a
         cross = every_pair(a, a)
         # One side against itself: exactly symmetric, as the map it represents.
         cross = (cross + cross.transpose(0, 1)) / 2
-        b = a
     else:
-        b = side_statistics(as_stack(ys, second), mask, **options)
         cross = every_pair(a, b)
     defined = a.defined[:, None] & b.defined[None, :]
     return cka_values(cross, a.hsic[:, None], b.hsic[None, :], defined).to(options["dtype"])
-
-
-def as_stack(xs: Features, layers: list[torch.Tensor]) -> Features:
-    """A stacked ``(L, *, n, p)`` input as it came (its Grams formed in one batched
-    product: few large operations, which matter on busy cores), a sequence as its
-    checked list."""
-    return xs if isinstance(xs, torch.Tensor) else layers
 
 
 def stack_features(name: str, xs: object) -> list[torch.Tensor]:
@@ -293,8 +299,7 @@ def _check_broadcast_mask(
 
 def _outer(s: Side, at: int) -> Side:
     """``s`` with a size-1 dim inserted at ``at`` (1 or 0)."""
-    diagonal = None if s.diagonal is None else s.diagonal.unsqueeze(at)
-    return Side(s.upper.unsqueeze(at), diagonal, s.hsic.unsqueeze(at), s.defined.unsqueeze(at))
+    return take(s, (slice(None),) * at + (None,))
 
 
 # Row blocks of the Gram product: big enough for an efficient matrix product, small
@@ -303,41 +308,42 @@ _GRAM_BLOCK = 128
 
 
 def _shifted_grams(
-    tensors: list[torch.Tensor], rows: Optional[torch.Tensor], dtype: torch.dtype
+    parts: Sequence[torch.Tensor], rows: Optional[torch.Tensor], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Gram of each ``(*, n, p_i)`` tensor shifted by the mean of its real rows
-    (padding rows zeroed), as :func:`reference._centred_gram` forms it, stacked along a
-    new first dim as its strictly upper part and its diagonal; and ``sum_i |z_i|^2`` of
-    the unshifted real rows (the scale "no variance" is judged against).
+    """The Gram of every input of the ``(L_i, *, n, p_i)`` parts, its rows shifted by
+    their mean over the real rows (padding rows zeroed) as
+    :func:`reference._centred_gram` forms it, stacked ``(sum L_i, *, n, n)`` as its
+    strictly upper part and its diagonal; and ``sum_i |z_i|^2`` of the unshifted real
+    rows (the scale "no variance" is judged against).
 
     Only the row blocks on and above the diagonal are multiplied: about ``(b + 1) / 2b``
-    of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). The tensors of a
-    sequence (widths may differ) are shifted and multiplied one at a time, straight into
-    the stacked result; a stacked tensor is one input, its layers batched in each
-    product.
+    of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). Each part is shifted
+    and multiplied in batched products, straight into the stacked result.
     """
-    lead = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors), () if rows is None else rows.shape[:-1])
-    n = tensors[0].shape[-2]
-    gram = torch.empty(len(tensors), *lead, n, n, dtype=dtype, device=tensors[0].device)
-    sizes = []
-    for i, t in enumerate(tensors):
-        z, out = t.to(dtype), gram[i]
+    lead = torch.broadcast_shapes(*(t.shape[1:-2] for t in parts), () if rows is None else rows.shape[:-1])
+    n = parts[0].shape[-2]
+    total = sum(t.shape[0] for t in parts)
+    gram = torch.empty(total, *lead, n, n, dtype=dtype, device=parts[0].device)
+    sizes, start = [], 0
+    for t in parts:
+        z, out = t.to(dtype), gram[start:start + t.shape[0]]
+        start += t.shape[0]
         if rows is None:
             shifted = z - z.mean(-2, keepdim=True)
-            sizes.append(torch.linalg.vector_norm(z, dim=(-2, -1)).square().expand(lead))
+            sizes.append(torch.linalg.vector_norm(z, dim=(-2, -1)).square().expand(t.shape[0], *lead))
         else:
             weights = rows[..., None]
             mean = (z * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
             shifted = (z - mean) * weights
-            sizes.append(torch.linalg.vector_norm(z * weights, dim=(-2, -1)).square())
-        shifted = shifted.expand(*lead, n, z.shape[-1])
+            sizes.append(torch.linalg.vector_norm(z * weights, dim=(-2, -1)).square().expand(t.shape[0], *lead))
+        shifted = shifted.expand(t.shape[0], *lead, n, z.shape[-1])
         for lo in range(0, n, _GRAM_BLOCK):
             hi = min(lo + _GRAM_BLOCK, n)
             # Product then copy: matmul(out=) into this strided block is several times
             # slower with two threads.
             out[..., lo:hi, lo:] = shifted[..., lo:hi, :] @ shifted[..., lo:, :].mT
     diagonal = gram.diagonal(dim1=-2, dim2=-1).clone()  # the rest below the blocks: cleared next
-    return gram.triu_(1), diagonal, torch.stack(sizes).detach()
+    return gram.triu_(1), diagonal, torch.cat(sizes).detach()
 
 
 # Rows of the centred matrices converted to float64 at a time by _inner.
