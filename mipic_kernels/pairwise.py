@@ -360,18 +360,20 @@ def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     ``n = 512``). Converting a block of rows at a time keeps the float64 copies small.
     """
     n = a.shape[-1]
-    lead = a.shape[:-2] if b is None else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    total = torch.zeros(lead, dtype=torch.float64, device=a.device)
+    if n == 0:
+        lead = a.shape[:-2] if b is None else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        return torch.zeros(lead, dtype=torch.float64, device=a.device)
     step = n if a.dtype == torch.float64 else _INNER_BLOCK
+    parts = []
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         # Columns left of lo are zero in these rows (strictly upper matrices).
         block = a[..., lo:hi, lo:].to(torch.float64)
         if b is None:
-            total = total + torch.linalg.vector_norm(block, dim=(-2, -1)).square()
+            parts.append(torch.linalg.vector_norm(block, dim=(-2, -1)).square())
         else:
-            total = total + torch.einsum("...ij,...ij->...", block, b[..., lo:hi, lo:].to(torch.float64))
-    return 2 * total
+            parts.append(torch.einsum("...ij,...ij->...", block, b[..., lo:hi, lo:].to(torch.float64)))
+    return 2 * sum(parts[1:], parts[0])
 
 
 def _hollow_row_sums(upper: torch.Tensor) -> torch.Tensor:
