@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import api
-from .pairwise import Features, every_pair, layer_stacks, side_statistics, stack_features, take
+from .pairwise import Features, every_pair, layer_stacks, side_statistics, stack_features
 from .selection import accumulation_dtype
 
 MIN_ROWS = 4
@@ -83,35 +83,34 @@ class MinibatchCKA:
         """
         first = stack_features("xs", xs)
         second = first if ys is None else stack_features("ys", ys)
-        if first[0].dim() != 2:
-            raise ValueError(f"xs must hold (n, p) layers, one row per example; got a layer of shape {tuple(first[0].shape)}")
-        if second[0].shape[0] != first[0].shape[0]:
+        x0, y0 = first[0], second[0]
+        if x0.dim() != 2:
+            raise ValueError(f"xs must hold (n, p) layers, one row per example; got a layer of shape {tuple(x0.shape)}")
+        if y0.shape[0] != x0.shape[0]:
             raise ValueError(
-                f"ys must have the row count of xs ({first[0].shape[0]}); got a layer of shape {tuple(second[0].shape)}"
+                f"ys must have the row count of xs ({x0.shape[0]}); got a layer of shape {tuple(y0.shape)}"
             )
-        if second[0].dim() != 2:
-            raise ValueError(f"ys must hold (n, q) layers, one row per example; got a layer of shape {tuple(second[0].shape)}")
-        if second[0].dtype != first[0].dtype:
-            raise TypeError(f"ys must have the dtype of xs ({first[0].dtype}); got {second[0].dtype}")
-        api._check_same_device("ys", second[0], first[0])
+        if y0.dim() != 2:
+            raise ValueError(f"ys must hold (n, q) layers, one row per example; got a layer of shape {tuple(y0.shape)}")
+        if y0.dtype != x0.dtype:
+            raise TypeError(f"ys must have the dtype of xs ({x0.dtype}); got {y0.dtype}")
+        api._check_same_device("ys", y0, x0)
         if mask is not None:
-            mask = api._check_mask(mask, first[0])
-        rows = int(mask.sum()) if mask is not None else first[0].shape[0]
+            mask = api._check_mask(mask, x0)
+        rows = int(mask.sum()) if mask is not None else x0.shape[0]
         if rows < MIN_ROWS:
             raise ValueError(
                 f"a minibatch needs at least {MIN_ROWS} rows for the unbiased HSIC; got {rows}"
             )
-        self._check_layout(len(first), len(second), ys is None, first[0].device)
+        self._check_layout(len(first), len(second), ys is None, x0.device)
 
         options = dict(
             kernel=self.kernel, unbiased=True, sigma=self.sigma, rbf_threshold=self.rbf_threshold,
-            dtype=accumulation_dtype(first[0].dtype),
+            dtype=accumulation_dtype(x0.dtype),
         )
         parts = layer_stacks(xs, first) + ([] if ys is None else layer_stacks(ys, second))
-        both = side_statistics(parts, mask, **options)  # both sides in one stack
-        a = take(both, slice(0, len(first)))
-        b = a if ys is None else take(both, slice(len(first), None))
-        cross = every_pair(a, b)
+        both = side_statistics(parts, mask, all_pairs=True, **options)  # both sides in one stack
+        cross, a, b = every_pair(both, len(first), self_map=ys is None)
         cross = torch.where(a.defined[:, None] & b.defined[None, :], cross, torch.zeros_like(cross))
         scale = rows * (rows - 3)
         if ys is None:

@@ -1,12 +1,22 @@
 """CKA of many pairs of row sets with every set's Gram formed once.
 
 Comparing every layer of one network with every layer of another takes ``La x Lb``
-CKA values over the same rows. Pair by pair, each layer's Gram would be formed and
-centred ``Lb`` (or ``La``) times. Here each input's kernel matrix is formed and centred
-once, and a pair costs one inner product of two centred ``n x n`` matrices, all pairs
-in one matrix product:
+CKA values over the same rows. Pair by pair, each layer's Gram would be formed
+``Lb`` (or ``La``) times. Here each input's kernel matrix ``K`` is formed once and
+reduced to its strictly upper part, its diagonal and its row sums; a pair then costs
+one inner product of two strictly upper ``n x n`` matrices (every pair in one matrix
+product), and the HSIC follows from the pair's row sums by Song et al.'s formula
+(unbiased) or its biased counterpart, in float64:
 
-    HSIC(K, L) = <C(K), C(L)>    C: double centring (biased) or U-centring (unbiased)
+    unbiased: tr(K~ L~) + (1' K~ 1)(1' L~ 1) / ((n - 1)(n - 2)) - 2 / (n - 2) 1' K~ L~ 1
+    biased:   <K, L> - 2 / n 1' K L 1 + (1' K 1)(1' L 1) / n^2
+
+(``K~`` is ``K`` with a zero diagonal; the unbiased value is the reference's
+``<U(K), U(L)>``, Song et al.'s estimate times ``n (n - 3)``.) Those expanded sums
+cancel catastrophically on raw Grams of hidden states; here they do not, because
+every Gram is of features shifted by the mean of their real rows, and the RBF
+kernel matrix is shifted by its mean off the diagonal (which changes neither
+estimator), so that the correction terms are small against the inner product.
 
 This module serves :func:`mipic_kernels.cka` when the leading dims of ``x`` and ``y``
 differ (they broadcast as in torch), :func:`cka_matrix` and
@@ -18,6 +28,7 @@ and NaN exactly where the reference gives NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -32,21 +43,23 @@ Features = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 @dataclass(frozen=True)
 class Side:
-    """The per-input statistics every pair is computed from.
+    """The per-input statistics every pair is computed from, zero outside real rows.
 
-    The centred kernel matrix ``C`` is symmetric, so it is kept as its strictly upper
-    part ``upper`` ``(*, n, n)`` (zero elsewhere) and its ``diagonal`` ``(*, n)``
-    (None where it is zero: U-centring), both zero outside the real rows; then
-    ``<C_a, C_b> = 2 <upper_a, upper_b> + <diagonal_a, diagonal_b>``, and the Gram is
-    only ever formed on and above its diagonal. Inner products are float64.
-    ``hsic``: ``(*)`` self-HSIC ``<C, C>``; ``defined``: ``(*)`` whether the input has
-    enough rows and variance (the reference's rule, applied to one side).
+    ``upper`` ``(*, n, n)``: the strictly upper part of the kernel matrix (zero on and
+    below the diagonal); ``diagonal`` ``(*, n)`` and ``rows`` ``(*, n)``: its diagonal
+    and its row sums without the diagonal, float64; ``count`` ``(*)``: real rows;
+    ``hsic`` ``(*)``: self-HSIC; ``defined`` ``(*)``: whether the input has enough rows
+    and variance (the reference's rule, applied to one side); ``pairs``: the HSIC of
+    every pair in the stack ``(S, S, *)`` when asked for, else None.
     """
 
     upper: torch.Tensor
-    diagonal: Optional[torch.Tensor]
+    diagonal: torch.Tensor
+    rows: torch.Tensor
+    count: torch.Tensor
     hsic: torch.Tensor
     defined: torch.Tensor
+    pairs: Optional[torch.Tensor] = None
 
 
 def side_statistics(
@@ -58,73 +71,106 @@ def side_statistics(
     sigma: Optional[float],
     rbf_threshold: float,
     dtype: torch.dtype,
+    all_pairs: bool = False,
 ) -> Side:
     """:class:`Side` of inputs stacked along a first dim: ``parts`` are ``(L_i, *, n,
     p_i)`` tensors (widths may differ between parts), giving leading dims
-    ``(sum L_i, *)``; every step after the Grams runs once on the whole stack.
-    ``mask`` ``(*, n)`` bool broadcasts against ``*``; None means every row is real.
+    ``(S, *)`` with ``S = sum L_i``; every step after the Grams runs once on the whole
+    stack. ``mask`` ``(*, n)`` bool broadcasts against ``*``; None means every row is
+    real. ``all_pairs`` also takes the HSIC of every pair in the stack (one matrix
+    product per row block, self terms included).
     Arguments are assumed validated."""
     rows = None if mask is None else mask.to(dtype)
     upper, diagonal, size = _shifted_grams(parts, rows, dtype)
-
     if rows is None:
         count = torch.full(upper.shape[:-2], float(upper.shape[-1]), dtype=dtype, device=upper.device)
         pair = None
     else:
         count = rows.sum(-1).expand(upper.shape[:-2])
         pair = rows[..., :, None] * rows[..., None, :]
-    hollow_rows = _hollow_row_sums(upper)
+    row_sums = _hollow_row_sums(upper)
     with torch.no_grad():
         # sum_i |z_i - mean|^2; the Gram's total is ~0 after the shift, and subtracting
         # it corrects for the shift's rounding as the reference does.
         trace = diagonal.sum(-1)
-        spread = trace - (hollow_rows.sum(-1) + trace) / count.clamp(min=1)
+        spread = trace - (row_sums.sum(-1) + trace) / count.clamp(min=1)
     if kernel == "linear":
         ok = torch.ones_like(count, dtype=torch.bool)
     else:
         upper, diagonal, ok = _rbf_kernel(upper, diagonal, rows, pair, count, sigma, rbf_threshold)
-        hollow_rows = _hollow_row_sums(upper)
-    upper, diagonal = _centre(upper, diagonal, hollow_rows, rows, pair, count, unbiased)
-    hsic = _inner(upper)
-    if diagonal is not None:
-        hsic = hsic + diagonal.to(torch.float64).square().sum(-1)
+        row_sums = _hollow_row_sums(upper)
+    f64 = torch.float64
+    diagonal, row_sums, count64 = diagonal.to(f64), row_sums.to(f64), count.to(f64)
+    if all_pairs:
+        pairs = _estimate(_inner(_outer(upper, 1), _outer(upper, 0)), diagonal[:, None], row_sums[:, None],
+                          diagonal[None], row_sums[None], count64[:, None], unbiased)
+        hsic = torch.diagonal(pairs, dim1=0, dim2=1).movedim(-1, 0)
+    else:
+        pairs = None
+        hsic = _estimate(_inner(upper), diagonal, row_sums, diagonal, row_sums, count64, unbiased)
 
     with torch.no_grad():
         tol = count * torch.finfo(dtype).eps
         scale = spread.square() if kernel == "linear" else count.square()
         defined = (
             (count >= (4 if unbiased else 2)) & ok
-            & (spread > tol * size) & (hsic > tol.square() * scale)
+            & (spread > tol * size) & (hsic > (tol.square() * scale).to(f64))
         )
-    return Side(upper, diagonal, hsic, defined)
+    return Side(upper, diagonal, row_sums, count64, hsic, defined, pairs)
 
 
-def cross_hsic(a: Side, b: Side) -> torch.Tensor:
-    """``<C_a, C_b>`` for every pair, the leading dims of ``a`` and ``b`` broadcast
-    (as one batched matrix product: the broadcast is never materialised)."""
-    value = _inner(a.upper, b.upper)
-    if a.diagonal is not None and b.diagonal is not None:
-        value = value + torch.einsum("...i,...i->...", a.diagonal.to(torch.float64), b.diagonal.to(torch.float64))
-    return value
+def pair_hsic(inner: torch.Tensor, a: Side, b: Side, unbiased: bool) -> torch.Tensor:
+    """HSIC of every pair (the reference's scale) from ``inner = 2 <upper_a, upper_b>``
+    and the row statistics of ``a`` and ``b``, all broadcasting."""
+    return _estimate(inner, a.diagonal, a.rows, b.diagonal, b.rows, a.count, unbiased)
 
 
-def layer_stacks(xs: Features, layers: list[torch.Tensor]) -> list[torch.Tensor]:
+def cross_hsic(a: Side, b: Side, unbiased: bool) -> torch.Tensor:
+    """HSIC of every pair, the leading dims of ``a`` and ``b`` broadcast (batched
+    products: the broadcast is never materialised)."""
+    return pair_hsic(_inner(a.upper, b.upper), a, b, unbiased)
+
+
+def _estimate(
+    inner: torch.Tensor,
+    diagonal_a: torch.Tensor,
+    rows_a: torch.Tensor,
+    diagonal_b: torch.Tensor,
+    rows_b: torch.Tensor,
+    count: torch.Tensor,
+    unbiased: bool,
+) -> torch.Tensor:
+    """Song et al.'s formula times ``n (n - 3)`` (unbiased) or ``<H K H, H L H>``
+    expanded (biased), from ``inner = 2 <upper_K, upper_L>``, the diagonals and the
+    row sums without the diagonal; float64, arguments broadcast."""
+    dot = functools.partial(torch.einsum, "...i,...i->...")
+    if unbiased:
+        n = torch.where(count >= 4, count, torch.full_like(count, 4))
+        return inner + rows_a.sum(-1) * rows_b.sum(-1) / ((n - 1) * (n - 2)) - 2 * dot(rows_a, rows_b) / (n - 2)
+    n = count.clamp(min=1)
+    full_a, full_b = rows_a + diagonal_a, rows_b + diagonal_b
+    return inner + dot(diagonal_a, diagonal_b) - 2 * dot(full_a, full_b) / n + full_a.sum(-1) * full_b.sum(-1) / n.square()
+
+
+def layer_stacks(xs: Features, layers: Features) -> list[torch.Tensor]:
     """One side's inputs as :func:`side_statistics` takes them: a stacked ``(L, *, n,
     p)`` tensor whole (its Grams formed in batched products: few large operations,
     which matter on busy cores), a sequence (its checked ``layers``) one by one."""
     return [xs] if isinstance(xs, torch.Tensor) else [t[None] for t in layers]
 
 
-def take(s: Side, index: Union[int, slice]) -> Side:
-    """``s`` indexed along its first dim."""
-    diagonal = None if s.diagonal is None else s.diagonal[index]
-    return Side(s.upper[index], diagonal, s.hsic[index], s.defined[index])
+def take(s: Side, index: object) -> Side:
+    """``s`` indexed along its leading dims (``pairs`` dropped)."""
+    return Side(s.upper[index], s.diagonal[index], s.rows[index], s.count[index], s.hsic[index], s.defined[index])
 
 
-def every_pair(a: Side, b: Side) -> torch.Tensor:
-    """``<C_a[i], C_b[j]>`` ``(La, Lb, *)`` for sides with leading dims ``(La, *)`` and
-    ``(Lb, *)``."""
-    return cross_hsic(_outer(a, 1), _outer(b, 0))
+def every_pair(both: Side, first: int, self_map: bool) -> tuple[torch.Tensor, Side, Side]:
+    """HSIC ``(La, Lb, *)`` of every (first-side, second-side) pair from a stack made
+    with ``all_pairs``: the first ``first`` inputs are one side, the rest the other
+    (``self_map``: the stack is one side against itself). Also returns both sides."""
+    a = take(both, slice(0, first))
+    b = a if self_map else take(both, slice(first, None))
+    return (both.pairs[:first, :first] if self_map else both.pairs[:first, first:]), a, b
 
 
 def cka_values(
@@ -179,7 +225,8 @@ def broadcast_cka(
     )
     a = take(side_statistics([x[None]], mask, **options), 0)
     b = take(side_statistics([y[None]], mask, **options), 0)
-    return cka_values(cross_hsic(a, b), a.hsic, b.hsic, a.defined & b.defined).to(options["dtype"])
+    cross = cross_hsic(a, b, options["unbiased"])
+    return cka_values(cross, a.hsic, b.hsic, a.defined & b.defined).to(options["dtype"])
 
 
 def cka_matrix(
@@ -222,28 +269,24 @@ def cka_matrix(
         dtype=accumulation_dtype(first[0].dtype),
     )
     parts = layer_stacks(xs, first) + ([] if ys is None else layer_stacks(ys, second))
-    both = side_statistics(parts, mask, **options)  # both sides in one stack
-    a, b = take(both, slice(0, len(first))), take(both, slice(len(first), None))
+    both = side_statistics(parts, mask, all_pairs=True, **options)  # both sides in one stack
+    cross, a, b = every_pair(both, len(first), self_map=ys is None)
     if ys is None:
-        b = a
-        cross = every_pair(a, a)
         # One side against itself: exactly symmetric, as the map it represents.
         cross = (cross + cross.transpose(0, 1)) / 2
-    else:
-        cross = every_pair(a, b)
     defined = a.defined[:, None] & b.defined[None, :]
     return cka_values(cross, a.hsic[:, None], b.hsic[None, :], defined).to(options["dtype"])
 
 
-def stack_features(name: str, xs: object) -> list[torch.Tensor]:
-    """The inputs of one side as a list of ``(*, n, p_i)`` tensors, checked alike:
-    same dtype, device, leading dims and row count, finite."""
+def stack_features(name: str, xs: object) -> Features:
+    """The inputs of one side, checked alike (same dtype, device, leading dims and row
+    count) and finite: a stacked tensor as it is, a sequence as a list."""
     if isinstance(xs, torch.Tensor):
         api._check_features(name, xs, min_dim=3)
         if xs.shape[0] == 0:
             raise ValueError(f"{name} must hold at least one input, shape (L >= 1, *, n, p); got {tuple(xs.shape)}")
         _check_finite(name, xs)
-        return list(xs.unbind(0))
+        return xs  # indexes and measures like the list of its layers
     if isinstance(xs, (str, bytes)) or not isinstance(xs, Sequence) or len(xs) == 0:
         raise TypeError(
             f"{name} must be a (L, *, n, p) tensor or a non-empty sequence of (*, n, p) tensors; "
@@ -265,8 +308,9 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         api._check_finite(name, t)
 
 
-def _check_alike(name: str, got: list[torch.Tensor], like: torch.Tensor, like_name: str) -> None:
-    for i, t in enumerate(got):
+def _check_alike(name: str, got: Features, like: torch.Tensor, like_name: str) -> None:
+    # The layers of a stacked tensor are alike by construction: its first one speaks for all.
+    for i, t in enumerate(got[:1] if isinstance(got, torch.Tensor) else got):
         where = f"{name}[{i}]"
         if t.shape[:-1] != like.shape[:-1]:
             raise ValueError(
@@ -297,14 +341,15 @@ def _check_broadcast_mask(
     return mask
 
 
-def _outer(s: Side, at: int) -> Side:
+def _outer(s: Union[Side, torch.Tensor], at: int) -> Union[Side, torch.Tensor]:
     """``s`` with a size-1 dim inserted at ``at`` (1 or 0)."""
-    return take(s, (slice(None),) * at + (None,))
+    index = (slice(None),) * at + (None,)
+    return s[index] if isinstance(s, torch.Tensor) else take(s, index)
 
 
 # Row blocks of the Gram product: big enough for an efficient matrix product, small
 # enough that skipping the blocks below the diagonal pays.
-_GRAM_BLOCK = 128
+_GRAM_BLOCK = 64
 
 
 def _shifted_grams(
@@ -317,7 +362,7 @@ def _shifted_grams(
     rows (the scale "no variance" is judged against).
 
     Only the row blocks on and above the diagonal are multiplied: about ``(b + 1) / 2b``
-    of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). Each part is shifted
+    of the multiply-adds for ``b`` blocks (0.53 at ``n = 1024``). Each part is shifted
     and multiplied in batched products, straight into the stacked result.
     """
     lead = torch.broadcast_shapes(*(t.shape[1:-2] for t in parts), () if rows is None else rows.shape[:-1])
@@ -346,7 +391,7 @@ def _shifted_grams(
     return gram.triu_(1), diagonal, torch.cat(sizes).detach()
 
 
-# Rows of the centred matrices converted to float64 at a time by _inner.
+# Rows of the kernel matrices converted to float64 at a time by _inner.
 _INNER_BLOCK = 128
 
 
@@ -406,9 +451,13 @@ def _rbf_kernel(
     ok = (bandwidth > 0) & torch.isfinite(bandwidth)
     bandwidth = torch.where(ok, bandwidth, torch.ones_like(bandwidth))
     k = torch.exp(dist / (-2 * bandwidth[..., None, None]))
-    k = torch.where(strict, k, torch.zeros_like(k))
+    # Shifted by its mean above the diagonal (on the diagonal too): neither estimator
+    # changes, and the expanded HSIC formulas no longer cancel most of their terms.
+    pairs = (count * (count - 1) / 2).clamp(min=1)
+    mean = (torch.where(strict, k, torch.zeros_like(k)).sum((-2, -1)) / pairs).detach()
+    k = torch.where(strict, k - mean[..., None, None], torch.zeros_like(k))
     ones = torch.ones_like(diagonal) if rows is None else rows.expand_as(diagonal)
-    return k, ones, ok
+    return k, (1 - mean[..., None]) * ones, ok
 
 
 def _median(dist: torch.Tensor, strict: torch.Tensor, count: Optional[torch.Tensor]) -> torch.Tensor:
@@ -439,39 +488,3 @@ def _median(dist: torch.Tensor, strict: torch.Tensor, count: Optional[torch.Tens
 
     total = m * m
     return 0.5 * (gathered((total - 1).clamp(min=0) // 2) + gathered(total // 2))
-
-
-def _centre(
-    upper: torch.Tensor,
-    diagonal: torch.Tensor,
-    hollow_rows: torch.Tensor,
-    rows: Optional[torch.Tensor],
-    pair: Optional[torch.Tensor],
-    count: torch.Tensor,
-    unbiased: bool,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The centred kernel matrix as in :class:`Side` (``upper``, ``diagonal``) from the
-    kernel matrix's strictly upper part, which it overwrites, its diagonal (both zero
-    outside the real rows) and :func:`_hollow_row_sums`.
-
-    Unbiased: Székely and Rizzo's U-centring (zero diagonal),
-    ``U_ij = K_ij - r_i / (n - 2) - r_j / (n - 2) + sum(r) / ((n - 1) (n - 2))`` with
-    ``r`` the row sums of ``K`` without its diagonal, so that ``<U(K), U(L)>`` is the
-    unbiased HSIC times ``n (n - 3)``. Biased: ``H K H``.
-    """
-    if unbiased:
-        n = torch.where(count >= 4, count, torch.full_like(count, 4))
-        row = hollow_rows / (n[..., None] - 2)
-        total = row.sum(-1) / (n - 1)
-    else:
-        n = count.clamp(min=1)
-        row = (hollow_rows + diagonal) / n[..., None]
-        total = row.sum(-1) / n
-    # In place: an n x n temporary per input costs more than the arithmetic.
-    centred = upper.sub_(row[..., :, None]).sub_((row - total[..., None])[..., None, :]).triu_(1)
-    if pair is not None:
-        centred.mul_(pair)
-    if unbiased:
-        return centred, None
-    on_diagonal = diagonal - 2 * row + total[..., None]
-    return centred, (on_diagonal if rows is None else on_diagonal * rows)

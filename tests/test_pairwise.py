@@ -56,7 +56,7 @@ def _expanded_reference(x, y, mask=None, **opts) -> torch.Tensor:
 @pytest.mark.parametrize("masked", [False, True])
 def test_cka_matrix_matches_numpy(opts, n, widths, layers_y, masked):
     # Layers of different widths (a list) against a stack, two examples each; n = 150
-    # takes Gram row blocks of 128 and 22.
+    # takes Gram row blocks of 64, 64 and 22.
     xs = [_states(2, n, p, seed=10 + p) for p in widths]
     ys = _states(layers_y, 2, n, 7, seed=20) + xs[0][..., :1]
     mask = _mask((2,), n, seed=30) if masked else None
