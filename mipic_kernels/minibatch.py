@@ -108,7 +108,7 @@ class MinibatchCKA:
             kernel=self.kernel, unbiased=True, sigma=self.sigma, rbf_threshold=self.rbf_threshold,
             dtype=accumulation_dtype(x0.dtype),
         )
-        parts = layer_stacks(xs, first) + ([] if ys is None else layer_stacks(ys, second))
+        parts = layer_stacks(first) if ys is None else layer_stacks(first, second)
         both = side_statistics(parts, mask, all_pairs=True, **options)  # both sides in one stack
         cross, a, b = every_pair(both, len(first), self_map=ys is None)
         cross = torch.where(a.defined[:, None] & b.defined[None, :], cross, torch.zeros_like(cross))

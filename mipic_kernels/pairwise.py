@@ -102,7 +102,7 @@ def side_statistics(
     f64 = torch.float64
     diagonal, row_sums, count64 = diagonal.to(f64), row_sums.to(f64), count.to(f64)
     if all_pairs:
-        pairs = _estimate(_inner(_outer(upper, 1), _outer(upper, 0)), diagonal[:, None], row_sums[:, None],
+        pairs = _estimate(_inner(upper, all_pairs=True), diagonal[:, None], row_sums[:, None],
                           diagonal[None], row_sums[None], count64[:, None], unbiased)
         hsic = torch.diagonal(pairs, dim1=0, dim2=1).movedim(-1, 0)
     else:
@@ -152,11 +152,17 @@ def _estimate(
     return inner + dot(diagonal_a, diagonal_b) - 2 * dot(full_a, full_b) / n + full_a.sum(-1) * full_b.sum(-1) / n.square()
 
 
-def layer_stacks(xs: Features, layers: Features) -> list[torch.Tensor]:
-    """One side's inputs as :func:`side_statistics` takes them: a stacked ``(L, *, n,
-    p)`` tensor whole (its Grams formed in batched products: few large operations,
-    which matter on busy cores), a sequence (its checked ``layers``) one by one."""
-    return [xs] if isinstance(xs, torch.Tensor) else [t[None] for t in layers]
+def layer_stacks(*sides: Features) -> list[torch.Tensor]:
+    """The inputs of one or two sides as :func:`side_statistics` takes them: one
+    ``(S, *, n, p)`` part when every input has the same width, whose Grams come from
+    one batched product per row block (few large operations: on busy cores every
+    parallel operation can wait for a time slice), else one part per input."""
+    layers = [t for side in sides for t in (side.unbind(0) if isinstance(side, torch.Tensor) else side)]
+    if all(t.shape[-1] == layers[0].shape[-1] for t in layers):
+        if len(sides) == 1 and isinstance(sides[0], torch.Tensor):
+            return [sides[0]]
+        return [torch.stack(layers)]
+    return [t[None] for t in layers]
 
 
 def take(s: Side, index: object) -> Side:
@@ -268,7 +274,7 @@ def cka_matrix(
         kernel=kernel, unbiased=bool(unbiased), sigma=sigma, rbf_threshold=float(rbf_threshold),
         dtype=accumulation_dtype(first[0].dtype),
     )
-    parts = layer_stacks(xs, first) + ([] if ys is None else layer_stacks(ys, second))
+    parts = layer_stacks(first) if ys is None else layer_stacks(first, second)
     both = side_statistics(parts, mask, all_pairs=True, **options)  # both sides in one stack
     cross, a, b = every_pair(both, len(first), self_map=ys is None)
     if ys is None:
@@ -341,15 +347,9 @@ def _check_broadcast_mask(
     return mask
 
 
-def _outer(s: Union[Side, torch.Tensor], at: int) -> Union[Side, torch.Tensor]:
-    """``s`` with a size-1 dim inserted at ``at`` (1 or 0)."""
-    index = (slice(None),) * at + (None,)
-    return s[index] if isinstance(s, torch.Tensor) else take(s, index)
-
-
 # Row blocks of the Gram product: big enough for an efficient matrix product, small
 # enough that skipping the blocks below the diagonal pays.
-_GRAM_BLOCK = 64
+_GRAM_BLOCK = 128
 
 
 def _shifted_grams(
@@ -362,7 +362,7 @@ def _shifted_grams(
     rows (the scale "no variance" is judged against).
 
     Only the row blocks on and above the diagonal are multiplied: about ``(b + 1) / 2b``
-    of the multiply-adds for ``b`` blocks (0.53 at ``n = 1024``). Each part is shifted
+    of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). Each part is shifted
     and multiplied in batched products, straight into the stacked result.
     """
     lead = torch.broadcast_shapes(*(t.shape[1:-2] for t in parts), () if rows is None else rows.shape[:-1])
@@ -395,10 +395,11 @@ def _shifted_grams(
 _INNER_BLOCK = 128
 
 
-def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, all_pairs: bool = False) -> torch.Tensor:
     """``2 <a, b>`` in float64 for strictly upper ``(*, n, n)`` matrices whose leading
     dims broadcast (one batched product per row block: the broadcast is never
-    materialised); ``b=None`` gives ``2 <a, a>``.
+    materialised); ``b=None`` gives ``2 <a, a>``, or with ``all_pairs`` the ``(S, S, *)``
+    products of every pair along ``a``'s first dim.
 
     Every HSIC is a sum of ``n^2`` products: summed in float32, that sum alone loses
     more than all the other steps together (a CKA error of 3e-6 against 6e-10 at
@@ -406,7 +407,8 @@ def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """
     n = a.shape[-1]
     if n == 0:
-        lead = a.shape[:-2] if b is None else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        lead = (a.shape[0], *a.shape[:-2]) if all_pairs else a.shape[:-2]
+        lead = lead if b is None else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         return torch.zeros(lead, dtype=torch.float64, device=a.device)
     step = n if a.dtype == torch.float64 else _INNER_BLOCK
     parts = []
@@ -414,7 +416,9 @@ def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         hi = min(lo + step, n)
         # Columns left of lo are zero in these rows (strictly upper matrices).
         block = a[..., lo:hi, lo:].to(torch.float64)
-        if b is None:
+        if all_pairs:
+            parts.append(torch.einsum("a...ij,b...ij->ab...", block, block))
+        elif b is None:
             parts.append(torch.linalg.vector_norm(block, dim=(-2, -1)).square())
         else:
             parts.append(torch.einsum("...ij,...ij->...", block, b[..., lo:hi, lo:].to(torch.float64)))
