@@ -295,3 +295,9 @@ def test_decoder_pools_and_attends_from_the_last_real_token(tmp_path):
     pooled = encoder.pool(enc.hidden[-1], enc.mask)
     last = enc.mask.sum(-1) - 1  # right padding here
     assert torch.equal(pooled[0], enc.hidden[-1][0, last[0]])
+
+
+def test_tiny_model_tokenizer_knows_its_words(tiny_bert):
+    encoder = Encoder.from_pretrained(tiny_bert, max_length=16)
+    ids = encoder.tokenize(["a man is playing a guitar"])["input_ids"][0].tolist()
+    assert encoder.tokenizer.unk_token_id not in ids and len(ids) == 8  # [CLS] 6 words [SEP]
