@@ -3,9 +3,10 @@
 Both are computed once for all widths, the way nested CKA computes every prefix Gram in
 one sweep (METHOD.md section 4):
 
-* SCR reads each width's prefix-residual block ``C[:d, d:]`` of ONE ``D x D`` token
-  cross-correlation matrix, and sums the penalty over every block with two cumulative
-  sums of the ``D x D`` penalty matrix, so no per-width product or loop is needed.
+* SCR reads each width's prefix-residual block ``C[:d, d:]`` of ONE token
+  cross-correlation matrix (its first ``d_max`` rows, ``d_max x D``, hold every block),
+  and sums the penalty over every block with two cumulative sums of that penalty
+  matrix, so no per-width product or loop is needed.
 * SIR's cosine matrices of the prefixes ``Z[:, :d]`` come from the nested sample Grams
   ``G_d = Z[:, :d] Z[:, :d]^T``: one product per column segment between consecutive
   widths and a cumulative sum, at the cost of the widest prefix's Gram.
@@ -100,7 +101,9 @@ def soft_collapse(
     # sum over tokens of z_u z_v is then the example's mean over its tokens
     z = centred / std / count.clamp(min=1).sqrt()
     examples = (count >= 2).to(dtype).sum((-3, -2, -1))  # (*)
-    corr = torch.einsum("...btu,...btv->...uv", z, z) / examples[..., None, None].clamp(min=1)
+    # Every block C[:d, d:] lies in the first d_max rows: one (d_max, D) product serves all.
+    top = z[..., : dims[-1]]
+    corr = torch.einsum("...btu,...btv->...uv", top, z) / examples[..., None, None].clamp(min=1)
     penalty = F.relu(corr.abs() - tau_corr).square()
     rows = torch.tensor([d - 1 for d in dims], device=x.device)
     cols = torch.tensor(dims, device=x.device)

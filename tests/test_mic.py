@@ -201,3 +201,20 @@ def test_bad_inputs_raise_clear_errors(call, error, message):
     with pytest.raises(error) as info:
         call()
     assert message in str(info.value)
+
+
+def test_benchmark_compares_equal_quantities_and_runs():
+    from benchmarks import mic
+
+    preset = mic.PRESETS["minilm"]
+    workload = mic.make_workload(preset, dtype=torch.float32, device=torch.device("cpu"))
+    x, mask = workload.x.detach(), workload.mask
+    torch.testing.assert_close(mic.loop_soft_collapse(x, mask, preset.dims),
+                               mk.soft_collapse(x, preset.dims, mask=mask), rtol=1e-5, atol=1e-6)
+    pooled = mic.mean_pool(x, mask)
+    torch.testing.assert_close(mic.loop_spectral_isotropy(pooled, preset.dims),
+                               mk.spectral_isotropy(pooled, preset.dims), rtol=1e-5, atol=1e-6)
+    rows = mic.main(["--preset", "minilm", "--provider", "loop", "torch", "--mode", "full", "--warmup", "1",
+                     "--repeats", "1", "--no-csv"])
+    assert {(r["kernel"], r["provider"]) for r in rows} == {(k, p) for k in ("scr", "sir") for p in ("loop", "torch")}
+    assert all(r["p50_ms"] > 0 and r["device"] for r in rows)
