@@ -288,7 +288,8 @@ def test_hf_trainer_loss_is_base_plus_components_scaled_for_accumulation(tiny_fo
     model.eval()
     torch.manual_seed(1)
     inputs = trainer.data_collator(examples[:4])
-    loss, outputs = trainer.compute_loss(model, dict(inputs), return_outputs=True)
+    # Asked for, the hidden states stay in the returned outputs.
+    loss, outputs = trainer.compute_loss(model, {**inputs, "output_hidden_states": True}, return_outputs=True)
     from mipic.objectives.terms import EncodedBatch
     cka = relational(EncodedBatch(outputs.hidden_states, inputs["attention_mask"].bool()))["sia_cka"]
     assert float(loss) == pytest.approx(float(outputs.loss + cka), rel=1e-6)
@@ -326,3 +327,15 @@ def test_example_script_runs_on_a_tiny_model(tiny_folder, tmp_path):
                                      "--batch-size", "4", "--output", str(tmp_path / "mlm")])
     assert history and all({"base_loss", "sia_cka", "sia_attention"} <= set(row) for row in history)
     assert all(row["base_loss"] == row["base_loss"] for row in history)  # not NaN: tokens were masked
+
+
+def test_hf_trainer_evaluates_without_returning_hidden_states(tiny_folder, tmp_path):
+    tokenizer, model, examples = _mlm(tiny_folder)
+    trainer = MIPICTrainer(model=model, args=_args(tmp_path, TrainingArguments), train_dataset=examples,
+                           eval_dataset=examples[:8], mipic_loss=RelationalLoss(32, 3, DIMS, k_min=2),
+                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.5))
+    inputs = trainer.data_collator(examples[:4])
+    _, outputs = trainer.compute_loss(model, dict(inputs), return_outputs=True)
+    assert "hidden_states" not in outputs and outputs.logits is not None
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == metrics["eval_loss"]  # finite, not NaN

@@ -66,6 +66,7 @@ class MIPICTrainerMixin:
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs_asked_for_states = bool(inputs.get("output_hidden_states"))
         inputs = {**inputs, "output_hidden_states": True}
         base, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         hidden = outputs.get("hidden_states") if isinstance(outputs, dict) else getattr(outputs, "hidden_states", None)
@@ -87,6 +88,8 @@ class MIPICTrainerMixin:
             loss = base + extra
             if model.training:
                 self._track({"base_loss": base, **components})
+        if return_outputs and not inputs_asked_for_states:
+            outputs = _without_hidden_states(outputs)  # prediction_step would gather them as logits
         return (loss, outputs) if return_outputs else loss
 
     def _base_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
@@ -130,6 +133,12 @@ class MIPICTrainerMixin:
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         if os.path.isfile(path):
             self.mipic_loss.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+
+def _without_hidden_states(outputs):
+    if isinstance(outputs, dict):  # transformers' ModelOutput is a dict whose None fields are absent
+        return type(outputs)(**{k: v for k, v in outputs.items() if k != "hidden_states"})
+    return outputs
 
 
 class MIPICTrainer(MIPICTrainerMixin, Trainer):

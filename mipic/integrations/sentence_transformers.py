@@ -22,7 +22,6 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..objectives import citations
 from ..objectives.relational import RelationalLoss
 from ..objectives.terms import EncodedBatch
 from .distributed import average_gradients_across_ranks, is_distributed
@@ -138,7 +137,7 @@ class MIPICLoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return self.relational.citation + citations.MRL
+        return self.relational.citation + getattr(self.base_loss, "citation", "")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
