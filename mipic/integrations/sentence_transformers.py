@@ -109,8 +109,9 @@ class MIPICLoss(nn.Module):
         )
         self._rank_hooks: Optional[list] = None
 
-    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: Optional[torch.Tensor]) -> dict[
-            str, torch.Tensor]:
+    def forward(
+        self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: Optional[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         _refuse_outer_modifier(self.model)
         features = list(sentence_features)
         with _all_hidden_states(self.model, enabled=bool(self.relational.terms)):
@@ -124,6 +125,9 @@ class MIPICLoss(nn.Module):
             self._rank_hooks = average_gradients_across_ranks(self.relational)
         chosen = outputs if self.columns == "all" else outputs[:1]
         for output in chosen:
+            if "all_layer_embeddings" not in output:
+                raise RuntimeError("the model returned no all_layer_embeddings although its transformer was asked "
+                                   "for output_hidden_states; MIPICLoss needs every layer's token states")
             batch = EncodedBatch(output["all_layer_embeddings"], output["attention_mask"].bool(), views=1,
                                  pooling=self.pooling)
             for name, value in self.relational(batch).items():
