@@ -1,7 +1,7 @@
 """The public functions: argument checks, token selection and backend dispatch.
 
 Every argument is checked here and nowhere else; the backends
-(:mod:`mipic_kernels.reference` and :mod:`mipic_kernels.triton`) receive validated,
+(:mod:`mipic_kernels.reference` and :mod:`mipic_kernels.fused`) receive validated,
 normalised arguments with the same internal signature:
 
 ``cka(x, y, mask, *, kernel, unbiased, sigma, rbf_threshold)`` and
@@ -151,12 +151,12 @@ def _backend(backend: str, x: torch.Tensor) -> ModuleType:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "torch":
         return reference
-    from . import triton as triton_backend
+    from . import fused
 
     if backend == "triton":
-        triton_backend.check_usable(x)
-        return triton_backend
-    return triton_backend if triton_backend.preferred_for(x) else reference
+        fused.check_usable(x)
+        return fused
+    return fused if fused.preferred_for(x) else reference
 
 
 def _check_features(name: str, t: object, *, min_dim: int) -> None:

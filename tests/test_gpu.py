@@ -103,9 +103,9 @@ def test_torch_compile_fullgraph_inductor():
 
 
 def test_auto_picks_triton_for_cuda_tensors():
-    from mipic_kernels import triton as triton_backend
+    from mipic_kernels import fused
 
     x = _states((2,), 16, 32, torch.float32, seed=10)
-    assert triton_backend.preferred_for(x)
-    assert not triton_backend.preferred_for(x.double())
-    assert not triton_backend.preferred_for(x.cpu())
+    assert fused.preferred_for(x)
+    assert not fused.preferred_for(x.double())
+    assert not fused.preferred_for(x.cpu())

@@ -37,7 +37,7 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 import mipic_kernels as mk  # noqa: E402
-from mipic_kernels.triton import launch  # noqa: E402
+from mipic_kernels.fused import launch  # noqa: E402
 from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
 

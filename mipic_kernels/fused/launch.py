@@ -1,7 +1,7 @@
 """Forward and backward of the two operations on 3-d inputs, built from the kernels.
 
 Everything here works on flattened inputs (leading dims folded into one batch dim)
-and returns the intermediates the backward pass needs; :mod:`mipic_kernels.autograd`
+and returns the intermediates the backward pass needs; :mod:`mipic_kernels.fused.ops`
 wraps these functions as custom ops.
 """
 

@@ -7,7 +7,7 @@ and a backward op; :func:`torch.library.register_autograd` connects them and
 through them without a graph break. The Gram edge ``k`` (the largest token count)
 depends on the data: the fake implementations declare it as a dynamic size.
 
-Only :mod:`mipic_kernels.triton` imports this module (it needs triton).
+Only :mod:`mipic_kernels.fused` imports this module (it needs triton).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from .triton import launch
-from .triton.stats import N_STATS
+from . import launch
+from .stats import N_STATS
 
 _NS = "mipic_kernels"
 
@@ -93,7 +93,7 @@ def nested_cka(
     x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: tuple[int, ...], *,
     kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
 ) -> torch.Tensor:
-    """Differentiable nested CKA ``(B, W)`` of ``x (B, T, D)``; see :mod:`.triton.launch`."""
+    """Differentiable nested CKA ``(B, W)`` of ``x (B, T, D)``; see :mod:`.launch`."""
     return _nested_cka(
         x, order, k, list(dims), kernel, unbiased, sigma, rbf_threshold, detach_full
     )[0]
