@@ -37,7 +37,7 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 import mipic_kernels as mk  # noqa: E402
-from mipic_kernels.fused import launch  # noqa: E402
+from mipic_kernels.fused import nested_cka_op  # noqa: E402
 from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
 
@@ -178,7 +178,7 @@ def test_no_gradient_work_without_grad(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("backward kernels ran")
 
-    monkeypatch.setattr(launch, "nested_backward", fail)
+    monkeypatch.setattr(nested_cka_op, "backward", fail)
     x = _states(2, 9, 12, seed=60).to(DEVICE)
     with torch.no_grad():
         out = mk.nested_cka(x.requires_grad_(), (4, 12), backend="triton")

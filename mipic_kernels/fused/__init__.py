@@ -60,12 +60,12 @@ def cka(
     sigma: Optional[float], rbf_threshold: float,
 ) -> torch.Tensor:
     """CKA of the masked rows of ``x (*, n, p)`` and ``y (*, n, q)``; returns ``(*)``."""
-    from . import ops
+    from . import cka_op
 
     check_usable(y)
     lead, rows = x.shape[:-2], x.shape[-2]
     mask = mask.reshape(-1, rows)
-    value = ops.cka(
+    value = cka_op.cka(
         x.reshape(-1, rows, x.shape[-1]), y.reshape(-1, rows, y.shape[-1]),
         selection.rank_tokens(None, mask), mask.sum(-1),
         kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
@@ -82,10 +82,10 @@ def nested_cka_ranked(
     ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts.
     Returns ``(*, W)``.
     """
-    from . import ops
+    from . import nested_cka_op
 
     lead, (tokens, depth) = x.shape[:-2], x.shape[-2:]
-    value = ops.nested_cka(
+    value = nested_cka_op.nested_cka(
         x.reshape(-1, tokens, depth), order.reshape(-1, tokens), k.reshape(-1, len(dims)), dims,
         kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
         detach_full=detach_full,
