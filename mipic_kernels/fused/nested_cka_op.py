@@ -14,14 +14,11 @@ from typing import Optional
 
 import torch
 
+from ..rules import segment_bounds
 from .backward import coefficients, input_grad, upstream_scale
 from .gram import nested_grams
 from .saved import Saved, fake_saved
 from .stats import cka_from_grams
-
-
-def _segment_bounds(dims: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    return (0, *dims) + ((depth,) if dims[-1] < depth else ())
 
 
 def _k_top(counts: torch.Tensor) -> int:
@@ -36,7 +33,7 @@ def forward(
     batch, _, depth = x.shape
     widths = len(dims)
     k_top = _k_top(k)
-    grams, sq, shift = nested_grams(x, order, k.amax(-1), _segment_bounds(dims, depth), k_top)
+    grams, sq, shift = nested_grams(x, order, k.amax(-1), segment_bounds(dims, depth), k_top)
     gy = grams[:, -1:].expand(batch, widths, k_top, k_top)
     value, bw, stats, rowsums = cka_from_grams(
         grams[:, :widths], gy, k, sq[:, :widths], sq[:, -1:], kernel=kernel, unbiased=unbiased,
@@ -61,7 +58,7 @@ def backward(
         full_grad=not detach_full,
     )
     return input_grad(
-        x, order, k.amax(-1), saved.shift, _segment_bounds(dims, depth), coef,
+        x, order, k.amax(-1), saved.shift, segment_bounds(dims, depth), coef,
         n_prefix=widths, full_grad=not detach_full,
     )
 

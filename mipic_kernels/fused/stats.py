@@ -9,13 +9,13 @@ never written to memory.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..rules import cka_value, defined_entries
 from .tl_utils import centred_tile, distance_tile, load_gram_tile, load_kernel_tile
 
 
@@ -222,31 +222,6 @@ def hsic_stats(
     return stats, rowsums
 
 
-def defined_entries(
-    stats: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, size_x: torch.Tensor,
-    size_y: torch.Tensor, *, kernel: str, unbiased: bool,
-) -> torch.Tensor:
-    """The reference's definedness rule applied to the kernel's statistics."""
-    nf = n.to(torch.float32)
-    tol = nf * torch.finfo(torch.float32).eps
-    spread_x, spread_y = stats[..., SPREAD_X], stats[..., SPREAD_Y]
-    scale_x = spread_x.square() if kernel == "linear" else nf.square()
-    scale_y = spread_y.square() if kernel == "linear" else nf.square()
-    return (
-        (n >= (4 if unbiased else 2))
-        & torch.isfinite(bw).all(-1)
-        & (spread_x > tol * size_x) & (spread_y > tol * size_y)
-        & (stats[..., B] > tol.square() * scale_x) & (stats[..., C] > tol.square() * scale_y)
-    )
-
-
-def cka_values(stats: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
-    """``a / sqrt(b c)`` where defined, NaN elsewhere."""
-    one = torch.ones_like(stats[..., A])
-    denom = torch.sqrt(torch.where(defined, stats[..., B], one) * torch.where(defined, stats[..., C], one))
-    return torch.where(defined, stats[..., A] / denom, torch.full_like(one, math.nan))
-
-
 def cka_from_grams(
     gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor,
     *, kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float,
@@ -261,6 +236,8 @@ def cka_from_grams(
     stats, rowsums = hsic_stats(gx, gy, n, bw, kernel=kernel, unbiased=unbiased)
     rows = (torch.arange(gx.shape[-1], device=n.device) < n[..., None]).to(torch.float32)
     defined = defined_entries(
-        stats, n, bw, (sq_x * rows).sum(-1), (sq_y * rows).sum(-1), kernel=kernel, unbiased=unbiased
+        n.to(torch.float32), stats[..., SPREAD_X], stats[..., SPREAD_Y],
+        (sq_x * rows).sum(-1), (sq_y * rows).sum(-1), stats[..., B], stats[..., C],
+        torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
     )
-    return cka_values(stats, defined), bw, stats, rowsums
+    return cka_value(stats[..., A], stats[..., B], stats[..., C], defined), bw, stats, rowsums
