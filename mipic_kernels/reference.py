@@ -63,6 +63,7 @@ def nested_cka_ranked(
     dims: tuple[int, ...],
     order: torch.Tensor,
     k: torch.Tensor,
+    k_top: int,
     *,
     kernel: str,
     unbiased: bool,
@@ -72,12 +73,11 @@ def nested_cka_ranked(
 ) -> torch.Tensor:
     """CKA of each width prefix against the full width over its top-``k`` tokens.
 
-    ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts.
-    Returns ``(*, W)``.
+    ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts,
+    each at most ``k_top``, the edge of the Grams. Returns ``(*, W)``.
     """
     dtype = accumulation_dtype(x.dtype)
     depth = x.shape[-1]
-    k_top = max(int(k.max()) if k.numel() else 1, 1)
     index = order[..., :k_top, None].expand(*order.shape[:-1], k_top, depth)
     sel = torch.gather(x, -2, index).to(dtype)
 

@@ -74,3 +74,22 @@ def resolve_k(k: KSpec, k_min: int, counts: torch.Tensor, n_widths: int) -> torc
                 want = torch.full_like(c, spec)
             per_width.append(torch.minimum(want.clamp(min=k_min), c))
     return torch.stack(per_width, dim=-1)
+
+
+def gram_edge(k: KSpec, k_min: int, tokens: int) -> int:
+    """The Gram edge: the largest count :func:`resolve_k` can give an example of
+    ``tokens`` positions, from the spec alone (``max`` over the widths of
+    ``min(max(ceil(f T), k_min), T)`` for a fraction ``f``, ``min(max(k, k_min), T)``
+    for an int, ``T`` for None).
+
+    Both backends size their ``k x k`` buffers by it, so it is known on the host
+    without reading the data (no device synchronisation) and changes only with
+    ``T``, not with the batch's real lengths; rows past each example's own count
+    are masked. ``resolve_k`` is monotone in the count, so every count is within it.
+    """
+    if k is None:
+        return tokens
+    specs = [k] if isinstance(k, int) else k
+    # The float64 product and ceiling of resolve_k, on the host.
+    want = max(math.ceil(tokens * s - _CEIL_SLACK) if isinstance(s, float) else s for s in specs)
+    return min(max(want, k_min), tokens)

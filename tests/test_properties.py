@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mipic_kernels as mk
+from mipic_kernels import selection
 from tests.seeding import generator
 
 OPTIONS = [
@@ -80,6 +81,19 @@ def test_selection_equals_selecting_by_hand(opts):
         rows = torch.tensor(ranked[:count])
         want = mk.cka(x[rows, :width], x[rows], **opts)
         torch.testing.assert_close(got[i], want, **TOL)
+
+
+@pytest.mark.parametrize(
+    "k, k_min",
+    [(None, 1), (5, 2), (60, 3), ([0.14, 0.3, 1.0], 4), ([0.5, 7], 30), ([1e-12, 2], 1), ([0.01, 0.02], 1)],
+    ids=str,
+)
+def test_gram_edge_is_the_largest_count_any_example_can_get(k, k_min):
+    # Every real-token count m in [0, T]: the edge bounds every k_i and m = T reaches it.
+    tokens = 50
+    widths = len(k) if isinstance(k, list) else 3
+    counts = selection.resolve_k(k, k_min, torch.arange(tokens + 1), widths)
+    assert int(counts.max()) == selection.gram_edge(k, k_min, tokens)
 
 
 def test_cls_scores_rank_by_attention_to_the_first_token():

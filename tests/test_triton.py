@@ -37,8 +37,10 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 import mipic_kernels as mk  # noqa: E402
+from mipic_kernels import selection  # noqa: E402
 from mipic_kernels.fused import nested_cka_op  # noqa: E402
 from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
+from tests.host_sync import HostSyncRecorder  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
 
 OPTIONS = [
@@ -203,6 +205,63 @@ def test_torch_compile_fullgraph_matches_eager():
     value, (grad,) = _run(compiled, [x], 0)
     torch.testing.assert_close(value, eager_value)
     torch.testing.assert_close(grad, eager_grad)
+
+
+def _training_calls(x, y, mask, scores, loss_fn):
+    """Forward and backward of every fused operation, on every path that reaches one."""
+    value = mk.nested_cka(x, (4, 9, 12), k=[0.5, 6, 1.0], k_min=2, scores="cls", mask=mask,
+                          kernel="rbf", detach_full=False, backend="triton")
+    value.backward(torch.ones_like(value))
+    mk.cka(x, y, mask=mask, kernel="rbf", unbiased=True, backend="triton").sum().backward()
+    loss_fn(x, scores=scores, mask=mask).backward()
+
+
+def test_fused_operations_never_wait_for_the_device():
+    x = _states(2, 11, 12, seed=130).to(DEVICE).requires_grad_()
+    y = _states(2, 11, 5, seed=131).to(DEVICE).requires_grad_()
+    mask = _mask((2,), 11, seed=132).to(DEVICE)
+    scores = torch.randn(2, 11, generator=generator(133)).to(DEVICE)
+    loss_fn = mk.NestedCKALoss((3, 12), k=4, backend="triton").to(DEVICE)
+    # The first call with new widths uploads their segment bounds to the device once
+    # (a CUDA graph capture needs such a warm-up call too).
+    _training_calls(x, y, mask, scores, loss_fn)
+    with HostSyncRecorder() as recorder:
+        _training_calls(x, y, mask, scores, loss_fn)
+    assert recorder.events == []
+
+
+_INJECTED_SYNCS = {
+    "item": lambda t: t.max().item(),
+    "bool": lambda t: bool((t > 0).all()),
+    "int": lambda t: int(t.max()),
+    "tolist": lambda t: t.tolist(),
+    "host data": lambda t: torch.tensor([1, 2], device=t.device),
+    "boolean mask": lambda t: t[t > 1],
+}
+
+
+@pytest.mark.parametrize("where", ["api", "op"])
+@pytest.mark.parametrize("sync", _INJECTED_SYNCS)
+def test_host_sync_recorder_catches_an_injected_sync(monkeypatch, sync, where):
+    # The recorder must see a sync in the argument handling and inside a custom op.
+    if where == "api":
+        module, name, expected = selection, "resolve_k", "mipic_kernels/api.py"
+    else:
+        module, name, expected = nested_cka_op, "nested_grams", "mipic_kernels/fused/nested_cka_op.py"
+    original = getattr(module, name)
+
+    def with_sync(*args, **kwargs):
+        counts = args[2]  # resolve_k's counts, nested_grams' kmax: (B,) int64
+        _INJECTED_SYNCS[sync](counts)
+        return original(*args, **kwargs)
+
+    x = _states(2, 7, 6, seed=140).to(DEVICE)
+    mk.nested_cka(x, (3, 6), backend="triton")  # warm-up: uploads the segment bounds
+    monkeypatch.setattr(module, name, with_sync)
+    with HostSyncRecorder() as recorder:
+        mk.nested_cka(x, (3, 6), backend="triton")
+    assert recorder.events, "the injected sync was not seen"
+    assert all(where.startswith(expected) for _, where in recorder.events), recorder.events
 
 
 def test_leading_dims_and_empty_batch():

@@ -3,9 +3,11 @@
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported; slow, for tests). Inputs are
 float16, bfloat16 or float32; every result is float32. float64 is rejected (the
-torch backend serves it). Non-finite inputs are not checked (that would cost a
-device sync): they give NaN values and NaN gradients. The kernels and their memory
-use are described in ``docs/kernels.md``.
+torch backend serves it). Nothing here waits for the device: buffer sizes come from
+the shapes and the ``k`` spec on the host, so a training step with these operations
+can be captured in a CUDA graph. Non-finite inputs are therefore not checked: they
+give NaN values and NaN gradients. The kernels and their memory use are described
+in ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -74,20 +76,20 @@ def cka(
 
 
 def nested_cka_ranked(
-    x: torch.Tensor, dims: tuple[int, ...], order: torch.Tensor, k: torch.Tensor, *,
+    x: torch.Tensor, dims: tuple[int, ...], order: torch.Tensor, k: torch.Tensor, k_top: int, *,
     kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
 ) -> torch.Tensor:
     """CKA of each width prefix against the full width over its top-``k`` tokens.
 
-    ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts.
-    Returns ``(*, W)``.
+    ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts,
+    each at most ``k_top``, the edge of the Grams. Returns ``(*, W)``.
     """
     from . import nested_cka_op
 
     lead, (tokens, depth) = x.shape[:-2], x.shape[-2:]
     value = nested_cka_op.nested_cka(
         x.reshape(-1, tokens, depth), order.reshape(-1, tokens), k.reshape(-1, len(dims)), dims,
-        kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
+        k_top, kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
         detach_full=detach_full,
     )
     return value.reshape(*lead, len(dims))

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gram import device_bounds
 from .stats import B, C, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, row_block
 from .tl_utils import centred_tile, load_kernel_tile, load_shifted
 
@@ -213,9 +214,8 @@ def input_grad(
     # 64 x 64 output tiles, 16-deep steps over the tokens: no register spills on sm_90.
     bm = min(64, max(16, triton.next_power_of_2(size)))
     block_d = min(64, max(16, triton.next_power_of_2(depth)))
-    bounds_t = torch.tensor(bounds, device=x.device, dtype=torch.int64)
     _dx_kernel[(batch, triton.cdiv(size, bm), triton.cdiv(depth, block_d))](
-        x, order, kmax, shift, bounds_t, coef, dx, depth, *x.stride(), *order.stride(),
+        x, order, kmax, shift, device_bounds(bounds, x.device), coef, dx, depth, *x.stride(), *order.stride(),
         *coef.stride(), *dx.stride(),
         N_SEG=len(bounds) - 1, N_PREFIX=n_prefix, FULL_GRAD=full_grad,
         BM=bm, BK=16, BLOCK_D=block_d, num_warps=8 if bm * block_d >= 4096 else 4,

@@ -14,8 +14,9 @@ from .saved import Saved, fake_saved
 from .stats import cka_from_grams
 
 
-def _k_top(counts: torch.Tensor) -> int:
-    return max(int(counts.max()) if counts.numel() else 1, 1)
+def _k_top(x: torch.Tensor) -> int:
+    """The Gram edge: every row of ``x (B, n, p)`` (at least one, so buffers are never empty)."""
+    return max(x.shape[1], 1)
 
 
 def forward(
@@ -24,7 +25,7 @@ def forward(
 ) -> tuple[torch.Tensor, Saved, Saved]:
     """``x (B, n, p)``, ``y (B, n, q)``, ``order (B, n)`` real rows first, ``n (B)`` counts
     -> CKA ``(B)``, the x-side intermediates and the y side's Grams and shift."""
-    k_top = _k_top(n)
+    k_top = _k_top(x)
     gx, sq_x, shift_x = nested_grams(x, order, n, (0, x.shape[-1]), k_top)
     gy, sq_y, shift_y = nested_grams(y, order, n, (0, y.shape[-1]), k_top)
     value, bw, stats, rowsums = cka_from_grams(
@@ -68,7 +69,7 @@ def _cka(
 
 @_cka.register_fake
 def _(x, y, order, n, kernel, unbiased, sigma, rbf_threshold):
-    k_top = torch.library.get_ctx().new_dynamic_size()
+    k_top = _k_top(x)
     value = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     sx, sy = fake_saved(x, 1, 1, k_top), fake_saved(y, 1, 1, k_top)
     return (value, *sx, sy.grams, sy.shift)

@@ -7,6 +7,8 @@ Both kernels read the selected tokens straight from ``x`` through the ranking
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -98,6 +100,14 @@ def _gram_kernel(
             tl.store(sq_ptr + b * stride_sqb + s * stride_sqs + ri, sq, mask=ri < K)
 
 
+@functools.lru_cache(maxsize=None)
+def device_bounds(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The column segment bounds as an int64 tensor on ``device``, made once per
+    (bounds, device): a per-call ``torch.tensor(bounds, device=...)`` would be a
+    host-to-device copy on every call, which a CUDA graph cannot capture."""
+    return torch.tensor(bounds, device=device, dtype=torch.int64)
+
+
 def _gram_block(k_top: int) -> int:
     """Gram tile edge: 16 for ``k_top <= 16``, else 32."""
     return min(max(16, triton.next_power_of_2(k_top)), _MAX_GRAM_BLOCK)
@@ -121,7 +131,6 @@ def nested_grams(
     sq = torch.empty(batch, n_seg, k_top, device=dev, dtype=torch.float32)
     if batch == 0:
         return grams, sq, shift
-    bounds_t = torch.tensor(bounds, device=dev, dtype=torch.int64)
     block_d = min(128, max(16, triton.next_power_of_2(depth)))
     _shift_kernel[(batch, triton.cdiv(depth, block_d))](
         x, order, kmax, shift, depth, *x.stride(), *order.stride(),
@@ -130,7 +139,7 @@ def nested_grams(
     block = _gram_block(k_top)
     tiles = triton.cdiv(k_top, block)
     _gram_kernel[(batch, tiles, tiles)](
-        x, order, kmax, shift, bounds_t, grams, sq,
+        x, order, kmax, shift, device_bounds(bounds, dev), grams, sq,
         depth, k_top, *x.stride(), *order.stride(), *grams.stride(), sq.stride(0), sq.stride(1),
         N_SEG=n_seg, BLOCK=block, BLOCK_D=_GRAM_BLOCK_D, num_warps=4,
     )

@@ -4,8 +4,9 @@ custom ops ``mipic_kernels::nested_cka`` and ``::nested_cka_backward`` with auto
 The forward op returns the CKA values with the intermediates its backward needs
 (:class:`.saved.Saved`); :func:`torch.library.register_autograd` connects the two ops
 and ``register_fake`` gives both shape-only implementations, so ``torch.compile``
-traces through them without a graph break. The Gram edge ``k`` (the largest token
-count) depends on the data: the fake implementation declares it as a dynamic size.
+traces through them without a graph break. The Gram edge ``k_top`` comes from the host
+(:func:`mipic_kernels.selection.gram_edge`), so every output has a static shape and
+nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -21,18 +22,14 @@ from .saved import Saved, fake_saved
 from .stats import cka_from_grams
 
 
-def _k_top(counts: torch.Tensor) -> int:
-    return max(int(counts.max()) if counts.numel() else 1, 1)
-
-
 def forward(
-    x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: tuple[int, ...], *,
+    x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: tuple[int, ...], k_top: int, *,
     kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float,
 ) -> tuple[torch.Tensor, Saved]:
-    """``x (B, T, D)``, ``order (B, T)``, ``k (B, W)`` -> CKA ``(B, W)`` and intermediates."""
+    """``x (B, T, D)``, ``order (B, T)``, ``k (B, W)`` at most ``k_top`` -> CKA ``(B, W)``
+    and intermediates."""
     batch, _, depth = x.shape
     widths = len(dims)
-    k_top = _k_top(k)
     grams, sq, shift = nested_grams(x, order, k.amax(-1), segment_bounds(dims, depth), k_top)
     gy = grams[:, -1:].expand(batch, widths, k_top, k_top)
     value, bw, stats, rowsums = cka_from_grams(
@@ -65,20 +62,19 @@ def backward(
 
 @torch.library.custom_op("mipic_kernels::nested_cka", mutates_args=())
 def _nested_cka(
-    x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: list[int], kernel: str,
-    unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
+    x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: list[int], k_top: int,
+    kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     value, saved = forward(
-        x, order, k, tuple(dims), kernel=kernel, unbiased=unbiased, sigma=sigma,
+        x, order, k, tuple(dims), k_top, kernel=kernel, unbiased=unbiased, sigma=sigma,
         rbf_threshold=rbf_threshold,
     )
     return (value, *saved)
 
 
 @_nested_cka.register_fake
-def _(x, order, k, dims, kernel, unbiased, sigma, rbf_threshold, detach_full):
-    slots = len(dims) + int(dims[-1] < x.shape[-1])
-    k_top = torch.library.get_ctx().new_dynamic_size()
+def _(x, order, k, dims, k_top, kernel, unbiased, sigma, rbf_threshold, detach_full):
+    slots = len(segment_bounds(dims, x.shape[-1])) - 1
     value = torch.empty(x.shape[0], len(dims), device=x.device, dtype=torch.float32)
     return (value, *fake_saved(x, slots, len(dims), k_top))
 
@@ -101,7 +97,7 @@ def _(grad, x, order, k, value, grams, shift, bw, stats, rowsums, dims, kernel, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, order, k, dims, kernel, unbiased, _, _, detach_full = inputs
+    x, order, k, dims, _, kernel, unbiased, _, _, detach_full = inputs
     ctx.save_for_backward(x, order, k, *output)
     ctx.options = (dims, kernel, unbiased, detach_full)
 
@@ -109,7 +105,7 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad, *_unused):
     dims, kernel, unbiased, detach_full = ctx.options
     dx = _nested_cka_backward(grad, *ctx.saved_tensors, dims, kernel, unbiased, detach_full)
-    return dx, None, None, None, None, None, None, None, None
+    return dx, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -118,11 +114,11 @@ torch.library.register_autograd(
 
 
 def nested_cka(
-    x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: tuple[int, ...], *,
+    x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: tuple[int, ...], k_top: int, *,
     kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
 ) -> torch.Tensor:
     """Differentiable nested CKA ``(B, W)`` of ``x (B, T, D)`` over the rows
-    ``order[b, :k[b, w]]`` of each example and width."""
+    ``order[b, :k[b, w]]`` of each example and width; every count is at most ``k_top``."""
     return _nested_cka(
-        x, order, k, list(dims), kernel, unbiased, sigma, rbf_threshold, detach_full
+        x, order, k, list(dims), k_top, kernel, unbiased, sigma, rbf_threshold, detach_full
     )[0]
