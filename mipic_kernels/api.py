@@ -153,10 +153,9 @@ def nested_cka(
     if isinstance(scores, str):
         if scores != "cls":
             raise ValueError(f"scores must be a (*, T) tensor, 'cls' or None; got {scores!r}")
-        scores = selection.cls_scores(x)
     elif scores is not None:
         scores = _check_scores(scores, x, mask, check_values=check_values)
-    order = selection.rank_tokens(scores, mask)
+    order = selection.rank_tokens(x, scores, mask)
     counts = selection.resolve_k(k, k_min, mask.sum(-1), len(dims))
     k_top = selection.gram_edge(k, k_min, x.shape[-2])
     return impl.nested_cka_ranked(

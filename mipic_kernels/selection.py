@@ -1,6 +1,7 @@
 """Token ranking and per-width token counts, shared by every backend.
 
-Both backends receive the same ``order`` and ``k`` tensors, so a token ranked
+Both backends receive the same ``order`` and ``k`` tensors from one entry point
+(:func:`rank_tokens`, :func:`resolve_k`, :func:`gram_edge`), so a token ranked
 differently by two backends (summation order, CPU vs CUDA ``topk`` ties) can
 never be the reason their results differ.
 """
@@ -15,6 +16,10 @@ import torch
 KSpec = Union[None, int, Sequence[Union[int, float]]]
 ScoresSpec = Union[None, str, torch.Tensor]
 
+# Elements of x converted to the accumulation dtype at once by cls_scores (64 MiB
+# of float32).
+_SCORE_CHUNK_ELEMENTS = 1 << 24
+
 # A fraction times a count is rounded up, but ``0.3 * 10`` is 3.0000000000000004
 # in binary floating point: the slack makes the decimal reading (3) win.
 _CEIL_SLACK = 1e-9
@@ -25,10 +30,19 @@ def cls_scores(x: torch.Tensor) -> torch.Tensor:
 
     ``x`` is ``(*, T, D)``; the first position is the query. Returns ``(*, T)`` in the
     accumulation dtype (float64 for float64 input, else float32), without gradient:
-    the ranking it feeds is not differentiable.
+    the ranking it feeds is not differentiable. Half-precision inputs are converted
+    a few examples at a time, so no float32 copy of all of ``x`` is made.
     """
-    z = x.detach().to(accumulation_dtype(x.dtype))
-    return (z[..., :1, :] * z).sum(-1) / math.sqrt(z.shape[-1])
+    lead, (tokens, depth) = x.shape[:-2], x.shape[-2:]
+    dtype = accumulation_dtype(x.dtype)
+    flat = x.detach().reshape(-1, tokens, depth)
+    step = max(1, _SCORE_CHUNK_ELEMENTS // max(tokens * depth, 1))
+    chunks = []
+    for start in range(0, flat.shape[0], step):
+        z = flat[start:start + step].to(dtype)
+        chunks.append((z @ z[:, 0, :, None]).squeeze(-1) / math.sqrt(depth))
+    scores = torch.cat(chunks) if chunks else flat.new_zeros(0, tokens, dtype=dtype)
+    return scores.reshape(*lead, tokens)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,13 +50,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rank_tokens(scores: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+def rank_tokens(x: torch.Tensor, scores: ScoresSpec, mask: torch.Tensor) -> torch.Tensor:
     """Positions ordered best first: real tokens by descending score, ties to the lower
-    position, then the padding positions.
+    position, then the padding positions; the one ranking both backends use.
 
-    ``scores`` is ``(*, T)`` (finite at real tokens) or None for position order;
-    ``mask`` is ``(*, T)`` bool. Returns ``(*, T)`` int64.
+    ``x`` is ``(*, T, D)``; ``scores`` a ``(*, T)`` tensor (finite at real tokens),
+    ``"cls"`` (:func:`cls_scores`) or None (position order); ``mask`` is ``(*, T)``
+    bool. Returns ``(*, T)`` int64.
+
+    ``"cls"`` runs the fused score-and-rank kernel when triton can run on ``x`` (a
+    CUDA tensor, or the interpreter), which reads ``x`` once in its own dtype, and
+    :func:`cls_scores` with a stable sort otherwise. The two may order tokens whose
+    scores differ by less than their float32 rounding (a summation order apart)
+    differently; either path gives the same order to every backend.
     """
+    if isinstance(scores, str):
+        from . import fused
+
+        if fused.can_run(x):
+            from .fused import ranking
+
+            return ranking.cls_order(x, mask)
+        scores = cls_scores(x)
     if scores is None:
         key = mask.to(torch.float32)
     else:

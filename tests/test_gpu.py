@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mipic_kernels as mk
+from mipic_kernels import selection
 from tests.accuracy import assert_within_float32_error, float32_runs
 from tests.seeding import generator
 
@@ -111,6 +112,25 @@ def test_auto_picks_triton_for_cuda_tensors():
     assert fused.preferred_for(x)
     assert not fused.preferred_for(x.double())
     assert not fused.preferred_for(x.cpu())
+
+
+def test_cls_ranking_needs_no_float32_copy_of_x():
+    # bert-base sized layers x batch in bfloat16: the score-and-rank kernel allocates
+    # its (B, T) float32 scores and the int64 order, nothing of the size of x.
+    lead, t = (7, 16), 256
+    x = _states(lead, t, 768, torch.bfloat16, seed=11)
+    mask = torch.rand(*lead, t, generator=generator(12, "cuda"), device="cuda") < 0.8
+    selection.rank_tokens(x, "cls", mask)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    order = selection.rank_tokens(x, "cls", mask)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 12 * mask.numel() + 2**20, f"{extra} bytes for x of {x.nbytes}"
+    assert torch.equal(order.sort(-1).values, torch.arange(t, device="cuda").expand_as(order))
+    real = mask.sum(-1, keepdim=True)
+    assert (mask.gather(-1, order) == (torch.arange(t, device="cuda") < real)).all()
 
 
 def test_cuda_graph_of_a_training_step_matches_eager():

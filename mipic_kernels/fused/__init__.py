@@ -27,14 +27,21 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _on_kernel_device(x: torch.Tensor) -> bool:
+    """A CUDA tensor, or a CPU tensor under Triton's interpreter."""
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def preferred_for(x: torch.Tensor) -> bool:
     """Whether ``backend="auto"`` picks this backend for ``x``: a CUDA tensor of a
     supported dtype, with triton installed."""
     return x.is_cuda and x.dtype in SUPPORTED_DTYPES and _triton_installed()
+
+
+def can_run(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on ``x``: a supported dtype, triton installed, and
+    ``x`` on a CUDA device (or on the CPU under Triton's interpreter)."""
+    return x.dtype in SUPPORTED_DTYPES and _triton_installed() and _on_kernel_device(x)
 
 
 def check_usable(x: torch.Tensor) -> None:
@@ -49,12 +56,11 @@ def check_usable(x: torch.Tensor) -> None:
             f"backend='triton' takes float16, bfloat16 or float32 inputs; got {x.dtype} "
             "(use backend='torch' for float64)"
         )
-    if x.is_cuda or (x.device.type == "cpu" and _interpreting()):
-        return
-    raise ValueError(
-        f"backend='triton' needs x on a CUDA device (or TRITON_INTERPRET=1 for CPU "
-        f"tensors); got x on {x.device}"
-    )
+    if not _on_kernel_device(x):
+        raise ValueError(
+            f"backend='triton' needs x on a CUDA device (or TRITON_INTERPRET=1 for CPU "
+            f"tensors); got x on {x.device}"
+        )
 
 
 def cka(
@@ -69,7 +75,7 @@ def cka(
     mask = mask.reshape(-1, rows)
     value = cka_op.cka(
         x.reshape(-1, rows, x.shape[-1]), y.reshape(-1, rows, y.shape[-1]),
-        selection.rank_tokens(None, mask), mask.sum(-1),
+        selection.rank_tokens(x, None, mask), mask.sum(-1),
         kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
     )
     return value.reshape(lead)
