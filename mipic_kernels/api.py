@@ -164,10 +164,14 @@ def nested_cka(
     )
 
 
-def _backend(backend: str, x: torch.Tensor) -> ModuleType:
+def _check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "torch":
+    return str(backend)
+
+
+def _backend(backend: str, x: torch.Tensor) -> ModuleType:
+    if _check_backend(backend) == "torch":
         return reference
     from . import fused
 
