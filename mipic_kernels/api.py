@@ -7,7 +7,8 @@ normalised arguments with the same internal signature:
 ``cka(x, y, mask, *, kernel, unbiased, sigma, rbf_threshold)`` and
 ``nested_cka_ranked(x, dims, order, k, k_top, *, kernel, unbiased, sigma,
 rbf_threshold, detach_full)``, where ``mask`` is a bool tensor, ``order`` the token
-ranking from :func:`mipic_kernels.selection.rank_tokens`, ``k`` the per-width counts
+ranking (:func:`_token_order`: the fused score-and-rank kernel or
+:func:`mipic_kernels.selection.rank_tokens`), ``k`` the per-width counts
 from :func:`mipic_kernels.selection.resolve_k` and ``k_top`` their bound from
 :func:`mipic_kernels.selection.gram_edge`, an int known without reading the data.
 
@@ -155,7 +156,7 @@ def nested_cka(
             raise ValueError(f"scores must be a (*, T) tensor, 'cls' or None; got {scores!r}")
     elif scores is not None:
         scores = _check_scores(scores, x, mask, check_values=check_values)
-    order = selection.rank_tokens(x, scores, mask)
+    order = _token_order(x, scores, mask)
     counts = selection.resolve_k(k, k_min, mask.sum(-1), len(dims))
     k_top = selection.gram_edge(k, k_min, x.shape[-2])
     return impl.nested_cka_ranked(
@@ -179,6 +180,24 @@ def _backend(backend: str, x: torch.Tensor) -> ModuleType:
         fused.check_usable(x)
         return fused
     return fused if fused.preferred_for(x) else reference
+
+
+def _token_order(x: torch.Tensor, scores: ScoresSpec, mask: torch.Tensor) -> torch.Tensor:
+    """The token order every backend gets (see :func:`selection.rank_tokens`).
+
+    ``"cls"`` runs the fused score-and-rank kernel whenever triton can run on ``x`` (a
+    CUDA tensor, or the interpreter), whatever the backend: it reads ``x`` once in its
+    own dtype. Elsewhere :func:`selection.cls_scores` computes the same scores in
+    torch; the two may order tokens whose scores are within float32 rounding of each
+    other differently, but every backend on one device gets one order.
+    """
+    if isinstance(scores, str):
+        from . import fused
+
+        if fused.can_run(x):
+            return fused.cls_order(x, mask)
+        scores = selection.cls_scores(x)
+    return selection.rank_tokens(scores, mask)
 
 
 def _checks_values(impl: ModuleType) -> bool:

@@ -1,9 +1,10 @@
 """Token ranking and per-width token counts, shared by every backend.
 
-Both backends receive the same ``order`` and ``k`` tensors from one entry point
-(:func:`rank_tokens`, :func:`resolve_k`, :func:`gram_edge`), so a token ranked
-differently by two backends (summation order, CPU vs CUDA ``topk`` ties) can
-never be the reason their results differ.
+Both backends receive the same ``order`` and ``k`` tensors, computed once by
+:mod:`mipic_kernels.api` (which runs the fused score-and-rank kernel for
+``scores="cls"`` where it can, :func:`cls_scores` and :func:`rank_tokens` otherwise),
+so a token ranked differently by two backends (summation order, CPU vs CUDA
+``topk`` ties) can never be the reason their results differ.
 """
 
 from __future__ import annotations
@@ -50,28 +51,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rank_tokens(x: torch.Tensor, scores: ScoresSpec, mask: torch.Tensor) -> torch.Tensor:
+def rank_tokens(scores: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     """Positions ordered best first: real tokens by descending score, ties to the lower
-    position, then the padding positions; the one ranking both backends use.
+    position, then the padding positions.
 
-    ``x`` is ``(*, T, D)``; ``scores`` a ``(*, T)`` tensor (finite at real tokens),
-    ``"cls"`` (:func:`cls_scores`) or None (position order); ``mask`` is ``(*, T)``
-    bool. Returns ``(*, T)`` int64.
-
-    ``"cls"`` runs the fused score-and-rank kernel when triton can run on ``x`` (a
-    CUDA tensor, or the interpreter), which reads ``x`` once in its own dtype, and
-    :func:`cls_scores` with a stable sort otherwise. The two may order tokens whose
-    scores differ by less than their float32 rounding (a summation order apart)
-    differently; either path gives the same order to every backend.
+    ``scores`` is ``(*, T)`` (finite at real tokens) or None for position order;
+    ``mask`` is ``(*, T)`` bool. Returns ``(*, T)`` int64.
     """
-    if isinstance(scores, str):
-        from . import fused
-
-        if fused.can_run(x):
-            from .fused import ranking
-
-            return ranking.cls_order(x, mask)
-        scores = cls_scores(x)
     if scores is None:
         key = mask.to(torch.float32)
     else:

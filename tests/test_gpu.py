@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mipic_kernels as mk
-from mipic_kernels import selection
+from mipic_kernels import fused
 from tests.accuracy import assert_within_float32_error, float32_runs
 from tests.seeding import generator
 
@@ -106,8 +106,6 @@ def test_torch_compile_fullgraph_inductor():
 
 
 def test_auto_picks_triton_for_cuda_tensors():
-    from mipic_kernels import fused
-
     x = _states((2,), 16, 32, torch.float32, seed=10)
     assert fused.preferred_for(x)
     assert not fused.preferred_for(x.double())
@@ -120,11 +118,11 @@ def test_cls_ranking_needs_no_float32_copy_of_x():
     lead, t = (7, 16), 256
     x = _states(lead, t, 768, torch.bfloat16, seed=11)
     mask = torch.rand(*lead, t, generator=generator(12, "cuda"), device="cuda") < 0.8
-    selection.rank_tokens(x, "cls", mask)  # compiles the kernels
+    fused.cls_order(x, mask)  # compiles the kernels
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    order = selection.rank_tokens(x, "cls", mask)
+    order = fused.cls_order(x, mask)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= 12 * mask.numel() + 2**20, f"{extra} bytes for x of {x.nbytes}"

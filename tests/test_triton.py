@@ -38,7 +38,7 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 import mipic_kernels as mk  # noqa: E402
-from mipic_kernels import selection  # noqa: E402
+from mipic_kernels import fused, selection  # noqa: E402
 from mipic_kernels.fused import nested_cka_op  # noqa: E402
 from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
 from tests.host_sync import HostSyncRecorder  # noqa: E402
@@ -288,6 +288,22 @@ def _want_order(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def test_both_backends_rank_cls_with_the_kernel_where_it_runs(monkeypatch):
+    calls = []
+    original = fused.cls_order
+
+    def spy(x, mask):
+        calls.append(x.dtype)
+        return original(x, mask)
+
+    monkeypatch.setattr(fused, "cls_order", spy)
+    x = _states(2, 9, 8, seed=170).to(DEVICE)
+    for backend in ("torch", "triton"):
+        mk.nested_cka(x, (4, 8), k=5, scores="cls", backend=backend)
+    mk.nested_cka(x.double(), (4, 8), k=5, scores="cls", backend="torch")  # float64: torch scores
+    assert calls == [torch.float32, torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cls_ranking_kernel_is_exact_where_the_scores_are(dtype):
     # Small integer features: every product and sum is exact in float32 (and in
@@ -303,7 +319,7 @@ def test_cls_ranking_kernel_is_exact_where_the_scores_are(dtype):
     mask = _ranking_mask(batch, t, seed=151)
     scores = (x[:, :1] * x).sum(-1) / d**0.5
     assert (scores[:, 11] == scores[:, 2]).all() and (scores[:, 7] == 0).all()
-    got = selection.rank_tokens(x.to(dtype).to(DEVICE), "cls", mask.to(DEVICE))
+    got = fused.cls_order(x.to(dtype).to(DEVICE), mask.to(DEVICE))
     assert torch.equal(got.cpu(), _want_order(scores, mask))
 
 
@@ -322,7 +338,7 @@ def test_cls_ranking_kernel_orders_non_finite_scores_like_torch_sort():
     scores = (x[:, :1].double() * x.double()).sum(-1) / d**0.5
     want = torch.sort(torch.where(mask, scores, -math.inf), dim=-1, descending=True, stable=True).indices
     assert want[0, :3].tolist() == [5, 8, 9] and want[1, -1] == 6
-    got = selection.rank_tokens(x.to(DEVICE), "cls", mask.to(DEVICE)).cpu()
+    got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE)).cpu()
     assert torch.equal(got, want)
 
 
@@ -339,7 +355,7 @@ def test_cls_ranking_kernel_within_float32_rounding_of_float64(dtype):
     x[:, 17] = x[:, 5]
     x[:, 37] = x[:, 5]
     mask = _ranking_mask(batch, t, seed=161)
-    got = selection.rank_tokens(x.to(DEVICE), "cls", mask.to(DEVICE)).cpu()
+    got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE)).cpu()
     x64 = x.double()
     scores = (x64[:, :1] * x64).sum(-1) / d**0.5
     u = 2.0**-24

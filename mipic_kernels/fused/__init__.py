@@ -1,5 +1,11 @@
 """Fused Triton backend: same internal signatures as :mod:`mipic_kernels.reference`.
 
+One module per operation holds its passes and its ``torch.library`` custom ops
+(:mod:`.nested_cka_op`, :mod:`.cka_op`, :mod:`.ranking`); the kernels they launch live
+in :mod:`.gram` and :mod:`.stats` (forward) and :mod:`.backward`, with the tile
+helpers they share in :mod:`.tl_utils`. This module imports none of them (nor triton)
+until an operation runs.
+
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported; slow, for tests). Inputs are
 float16, bfloat16 or float32; every result is float32. float64 is rejected (the
@@ -63,6 +69,14 @@ def check_usable(x: torch.Tensor) -> None:
         )
 
 
+def cls_order(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token order ``(*, T)`` of ``x (*, T, D)`` by MIPIC's ``"cls"`` score, real tokens
+    (``mask``) first: the score-and-rank kernels of :mod:`.ranking`."""
+    from . import ranking
+
+    return ranking.cls_order(x, mask)
+
+
 def cka(
     x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *, kernel: str, unbiased: bool,
     sigma: Optional[float], rbf_threshold: float,
@@ -75,7 +89,7 @@ def cka(
     mask = mask.reshape(-1, rows)
     value = cka_op.cka(
         x.reshape(-1, rows, x.shape[-1]), y.reshape(-1, rows, y.shape[-1]),
-        selection.rank_tokens(x, None, mask), mask.sum(-1),
+        selection.rank_tokens(None, mask), mask.sum(-1),
         kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
     )
     return value.reshape(lead)
