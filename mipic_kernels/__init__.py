@@ -1,10 +1,17 @@
 """Fast, exact Matryoshka relational losses: batched linear and RBF CKA with nested
-top-k token selection, an eager reference and fused Triton kernels."""
+top-k token selection, an eager reference and fused Triton kernels; MIC's soft
+collapse and spectral isotropy regularisers at every width in one pass."""
 
 from .api import cka, nested_cka
 from .losses import NestedCKALoss
+from .mic import soft_collapse, spectral_isotropy
+from .mic_losses import SoftCollapseLoss, SpectralIsotropyLoss
 from .minibatch import MinibatchCKA
 from .pairwise import cka_matrix
 
-__all__ = ["cka", "nested_cka", "NestedCKALoss", "cka_matrix", "MinibatchCKA"]
+__all__ = [
+    "cka", "nested_cka", "NestedCKALoss",
+    "soft_collapse", "spectral_isotropy", "SoftCollapseLoss", "SpectralIsotropyLoss",
+    "cka_matrix", "MinibatchCKA",
+]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from . import api
+from . import api, rules
 from .pairwise import Features, every_pair, layer_stacks, side_statistics, stack_features
 from .selection import accumulation_dtype
 
@@ -130,10 +130,8 @@ class MinibatchCKA:
         if self.hsic_xy is None:
             raise RuntimeError("MinibatchCKA.compute() needs at least one update()")
         xx, yy = self.hsic_xx[:, None], self.hsic_yy[None, :]
-        defined = (xx > 0) & (yy > 0)
-        one = torch.ones_like(self.hsic_xy)
-        denom = torch.sqrt(torch.where(defined, xx, one) * torch.where(defined, yy, one))
-        return torch.where(defined, self.hsic_xy / denom, torch.full_like(self.hsic_xy, float("nan")))
+        # Only minibatches where a layer was defined added to its self terms.
+        return rules.cka_value(self.hsic_xy, xx, yy, (xx > 0) & (yy > 0))
 
     def _check_layout(self, layers_x: int, layers_y: int, self_map: bool, device: torch.device) -> None:
         if self.hsic_xy is not None:

@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import api
+from . import api, rules
 from .selection import accumulation_dtype
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -109,13 +109,8 @@ def side_statistics(
         pairs = None
         hsic = _estimate(_inner(upper), diagonal, row_sums, diagonal, row_sums, count64, unbiased)
 
-    with torch.no_grad():
-        tol = count * torch.finfo(dtype).eps
-        scale = spread.square() if kernel == "linear" else count.square()
-        defined = (
-            (count >= (4 if unbiased else 2)) & ok
-            & (spread > tol * size) & (hsic > (tol.square() * scale).to(f64))
-        )
+    # The reference's rule (one side against itself).
+    defined = rules.defined_entries(count, spread, spread, size, size, hsic, hsic, ok, kernel=kernel, unbiased=unbiased)
     return Side(upper, diagonal, row_sums, count64, hsic, defined, pairs)
 
 
@@ -179,17 +174,6 @@ def every_pair(both: Side, first: int, self_map: bool) -> tuple[torch.Tensor, Si
     return (both.pairs[:first, :first] if self_map else both.pairs[:first, first:]), a, b
 
 
-def cka_values(
-    cross: torch.Tensor, hsic_a: torch.Tensor, hsic_b: torch.Tensor, defined: torch.Tensor
-) -> torch.Tensor:
-    """``cross / sqrt(hsic_a * hsic_b)`` where ``defined``, NaN elsewhere; the
-    arguments broadcast. Gradients stay finite everywhere."""
-    one = torch.ones_like(cross)
-    denom = torch.sqrt(torch.where(defined, hsic_a, one) * torch.where(defined, hsic_b, one))
-    value = torch.where(defined, cross, torch.zeros_like(cross)) / denom
-    return torch.where(defined, value, torch.full_like(value, math.nan))
-
-
 def broadcast_cka(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -221,10 +205,10 @@ def broadcast_cka(
             x.expand(shape_x), y.expand(shape_y), mask=full_mask, kernel=kernel, unbiased=unbiased,
             sigma=sigma, rbf_threshold=rbf_threshold, backend=backend,
         )
-    if backend not in api.BACKENDS:
-        raise ValueError(f"backend must be one of {api.BACKENDS}; got {backend!r}")
-    _check_finite("x", x)
-    _check_finite("y", y)
+    api._check_backend(backend)
+    if not torch.compiler.is_compiling():  # value checks read the data on the host
+        _check_finite("x", x)
+        _check_finite("y", y)
     options = dict(
         kernel=kernel, unbiased=bool(unbiased), sigma=sigma, rbf_threshold=float(rbf_threshold),
         dtype=accumulation_dtype(x.dtype),
@@ -232,7 +216,7 @@ def broadcast_cka(
     a = take(side_statistics([x[None]], mask, **options), 0)
     b = take(side_statistics([y[None]], mask, **options), 0)
     cross = cross_hsic(a, b, options["unbiased"])
-    return cka_values(cross, a.hsic, b.hsic, a.defined & b.defined).to(options["dtype"])
+    return rules.cka_value(cross, a.hsic, b.hsic, a.defined & b.defined).to(options["dtype"])
 
 
 def cka_matrix(
@@ -281,7 +265,7 @@ def cka_matrix(
         # One side against itself: exactly symmetric, as the map it represents.
         cross = (cross + cross.transpose(0, 1)) / 2
     defined = a.defined[:, None] & b.defined[None, :]
-    return cka_values(cross, a.hsic[:, None], b.hsic[None, :], defined).to(options["dtype"])
+    return rules.cka_value(cross, a.hsic[:, None], b.hsic[None, :], defined).to(options["dtype"])
 
 
 def stack_features(name: str, xs: object) -> Features:

@@ -58,6 +58,9 @@ def test_loss_goes_down_on_a_repeated_batch(tiny_bert, sentences, tmp_path):
     # Every step sees the same 8 sentences (one batch per epoch); no schedule decay.
     cfg = _config(tiny_bert, sentences, batch_size=8, epochs=25, lr=2e-3)
     cfg.objective.mic.enabled = True
+    # As in the shipped configs: at the paper's 0.05 the attention term swamps the others
+    # (METHOD.md, known hazard) and MRL rises over these 25 steps.
+    cfg.objective.sia.attention_temperature = 1.0
     train(cfg, tmp_path)
     rows = _metrics(tmp_path)
     assert len(rows) == 25
