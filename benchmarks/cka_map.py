@@ -33,7 +33,6 @@ and replaces zero denominators by 1e-6).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
@@ -256,20 +255,6 @@ def _environment() -> dict[str, str]:
     }
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with path.open(newline="") as f:
-            if tuple(next(csv.reader(f), ())) != SCHEMA:
-                raise ValueError(f"{path} has another header than {','.join(SCHEMA)}; pass another --csv")
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SCHEMA)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.cka_map", description=__doc__.split("\n\n")[0],
@@ -302,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for row in rows:
             print(line.format(x=row["x_pytorch_cka"], off=row["off_1e-3"], **row))
         if not args.no_csv:
-            append_rows(args.csv, [dict(env, **row) for row in rows])
+            records.append_rows(args.csv, [dict(env, **row) for row in rows], SCHEMA)
     return 0
 
 

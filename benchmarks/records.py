@@ -30,17 +30,17 @@ def default_csv() -> Path:
     return Path.cwd() / f"mipic-bench-{CSV_NAME}"
 
 
-def append_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Append rows (dicts with exactly the SCHEMA keys), writing the header to a new file."""
+def append_rows(path: Path, rows: Iterable[dict], schema: tuple[str, ...] = SCHEMA) -> None:
+    """Append rows (dicts with exactly the ``schema`` keys), writing the header to a new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
             header = next(csv.reader(f), None)
-        if tuple(header or ()) != SCHEMA:
-            raise ValueError(f"{path} has another header than {','.join(SCHEMA)}; pass another --csv")
+        if tuple(header or ()) != schema:
+            raise ValueError(f"{path} has another header than {','.join(schema)}; pass another --csv")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SCHEMA)
+        writer = csv.DictWriter(f, fieldnames=schema)
         if new:
             writer.writeheader()
         writer.writerows(rows)
