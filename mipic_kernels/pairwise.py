@@ -81,7 +81,7 @@ def side_statistics(
     product per row block, self terms included).
     Arguments are assumed validated."""
     rows = None if mask is None else mask.to(dtype)
-    upper, diagonal, size = _shifted_grams(parts, rows, dtype)
+    upper, diagonal, mean_square = _shifted_grams(parts, rows, dtype)
     if rows is None:
         count = torch.full(upper.shape[:-2], float(upper.shape[-1]), dtype=dtype, device=upper.device)
         pair = None
@@ -94,6 +94,9 @@ def side_statistics(
         # it corrects for the shift's rounding as the reference does.
         trace = diagonal.sum(-1)
         spread = trace - (row_sums.sum(-1) + trace) / count.clamp(min=1)
+        # sum_i |x_i|^2 of the unshifted real rows, the scale "no variance" is judged
+        # against: the spread plus n |mean|^2.
+        size = trace + count * mean_square
     if kernel == "linear":
         ok = torch.ones_like(count, dtype=torch.bool)
     else:
@@ -148,16 +151,20 @@ def _estimate(
 
 
 def layer_stacks(*sides: Features) -> list[torch.Tensor]:
-    """The inputs of one or two sides as :func:`side_statistics` takes them: one
-    ``(S, *, n, p)`` part when every input has the same width, whose Grams come from
-    one batched product per row block (few large operations: on busy cores every
-    parallel operation can wait for a time slice), else one part per input."""
-    layers = [t for side in sides for t in (side.unbind(0) if isinstance(side, torch.Tensor) else side)]
-    if all(t.shape[-1] == layers[0].shape[-1] for t in layers):
-        if len(sides) == 1 and isinstance(sides[0], torch.Tensor):
-            return [sides[0]]
-        return [torch.stack(layers)]
-    return [t[None] for t in layers]
+    """The inputs of one or two sides as :func:`side_statistics` takes them: a stacked
+    ``(L, *, n, p)`` tensor as one part, a sequence as one stacked part when its inputs
+    share a width, else one part per input. A part's Grams come from one batched
+    product per row block: few large operations, which is what counts on busy cores,
+    where every parallel operation can wait for a time slice."""
+    parts = []
+    for side in sides:
+        if isinstance(side, torch.Tensor):
+            parts.append(side)
+        elif all(t.shape[-1] == side[0].shape[-1] for t in side):
+            parts.append(torch.stack(list(side)))
+        else:
+            parts.extend(t[None] for t in side)
+    return parts
 
 
 def take(s: Side, index: object) -> Side:
@@ -342,8 +349,7 @@ def _shifted_grams(
     """The Gram of every input of the ``(L_i, *, n, p_i)`` parts, its rows shifted by
     their mean over the real rows (padding rows zeroed) as
     :func:`reference._centred_gram` forms it, stacked ``(sum L_i, *, n, n)`` as its
-    strictly upper part and its diagonal; and ``sum_i |z_i|^2`` of the unshifted real
-    rows (the scale "no variance" is judged against).
+    strictly upper part and its diagonal; and ``|mean|^2`` of each input.
 
     Only the row blocks on and above the diagonal are multiplied: about ``(b + 1) / 2b``
     of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). Each part is shifted
@@ -353,18 +359,18 @@ def _shifted_grams(
     n = parts[0].shape[-2]
     total = sum(t.shape[0] for t in parts)
     gram = torch.empty(total, *lead, n, n, dtype=dtype, device=parts[0].device)
-    sizes, start = [], 0
+    means, start = [], 0
     for t in parts:
         z, out = t.to(dtype), gram[start:start + t.shape[0]]
         start += t.shape[0]
         if rows is None:
-            shifted = z - z.mean(-2, keepdim=True)
-            sizes.append(torch.linalg.vector_norm(z, dim=(-2, -1)).square().expand(t.shape[0], *lead))
+            mean = z.mean(-2, keepdim=True)
+            shifted = z - mean
         else:
             weights = rows[..., None]
             mean = (z * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
             shifted = (z - mean) * weights
-            sizes.append(torch.linalg.vector_norm(z * weights, dim=(-2, -1)).square().expand(t.shape[0], *lead))
+        means.append(mean.square().sum((-2, -1)).expand(t.shape[0], *lead))
         shifted = shifted.expand(t.shape[0], *lead, n, z.shape[-1])
         for lo in range(0, n, _GRAM_BLOCK):
             hi = min(lo + _GRAM_BLOCK, n)
@@ -372,7 +378,7 @@ def _shifted_grams(
             # slower with two threads.
             out[..., lo:hi, lo:] = shifted[..., lo:hi, :] @ shifted[..., lo:, :].mT
     diagonal = gram.diagonal(dim1=-2, dim2=-1).clone()  # the rest below the blocks: cleared next
-    return gram.triu_(1), diagonal, torch.cat(sizes).detach()
+    return gram.triu_(1), diagonal, torch.cat(means).detach()
 
 
 # Rows of the kernel matrices converted to float64 at a time by _inner.
@@ -401,7 +407,9 @@ def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, all_pairs: bool
         # Columns left of lo are zero in these rows (strictly upper matrices).
         block = a[..., lo:hi, lo:].to(torch.float64)
         if all_pairs:
-            parts.append(torch.einsum("a...ij,b...ij->ab...", block, block))
+            # (*, S, rows * columns) times its transpose: no copy of the block.
+            flat = block.movedim(0, -3).flatten(-2)
+            parts.append((flat @ flat.mT).movedim((-2, -1), (0, 1)))
         elif b is None:
             parts.append(torch.linalg.vector_norm(block, dim=(-2, -1)).square())
         else:

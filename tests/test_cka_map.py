@@ -37,8 +37,9 @@ def _texts(count: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 10)))) for _ in range(count)]
 
 
-# The tiny models' [CLS] and last tokens hardly vary between texts (relative spread
-# below float32 resolution: NaN, rightly); their mean-pooled states do.
+# The embedding-layer state of [CLS] (the encoder's pooling) and of the final [SEP]
+# (the decoder's) is the same for every text: those entries are NaN, rightly. Mean
+# pooling varies at every layer.
 POOLING = "mean"
 
 
@@ -135,9 +136,9 @@ def test_tokens_mode_needs_one_tokenizer(tiny_bert, tmp_path):
 
     other = build_tiny_model(tmp_path / "other", "bert")
     tokenizer = AutoTokenizer.from_pretrained(other)
-    tokenizer.add_tokens(["dog"])  # "dog" gets another id
+    tokenizer.add_tokens(["zebra"])  # unknown to the other tokenizer
     tokenizer.save_pretrained(other)
-    texts = ["a dog and a cat"] * 3 + ["the man is running", "two people"]
+    texts = ["a zebra and a cat"] * 3 + ["the man is running", "two people"]
     with pytest.raises(ValueError, match="tokens mode needs both models to tokenize every text alike"):
         compute_cka_map(tiny_bert, other, texts, mode="tokens", pooling=POOLING, progress=False)
     compute_cka_map(tiny_bert, other, texts, mode="pooled", pooling=POOLING, progress=False)  # pooled rows need no common tokens
