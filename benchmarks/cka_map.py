@@ -77,7 +77,7 @@ class Workload:
 
 WORKLOADS = {
     w.name: w for w in (
-        Workload("issue", "the issue's case: 7 x 7 layers, one minibatch of 512 rows, width 384",
+        Workload("map-512", "7 x 7 layers, one minibatch of 512 rows, width 384",
                  7, 7, (512,), 384),
         Workload("minilm-pooled", "MiniLM over the 2910 STS-B dev texts, pooled: 46 minibatches of 63-64",
                  7, 7, (64,) * 12 + (63,) * 34, 384),

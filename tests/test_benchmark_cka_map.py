@@ -56,12 +56,12 @@ def test_run_workload_rows_and_agreement():
 def test_command_appends_to_its_csv(tmp_path, capsys):
     out = tmp_path / "cka_map.csv"
     for _ in range(2):
-        assert bench.main(["--workload", "issue", "--provider", "mipic", "--repeats", "1", "--csv", str(out)]) == 0
-    assert "issue" in capsys.readouterr().out
+        assert bench.main(["--workload", "map-512", "--provider", "mipic", "--repeats", "1", "--csv", str(out)]) == 0
+    assert "map-512" in capsys.readouterr().out
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and tuple(rows[0]) == bench.SCHEMA
-    assert rows[0]["device"].startswith("cpu") and rows[0]["workload"] == "issue"
+    assert rows[0]["device"].startswith("cpu") and rows[0]["workload"] == "map-512"
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="another header"):
-        bench.main(["--workload", "issue", "--provider", "mipic", "--repeats", "1", "--csv", str(tmp_path / "other.csv")])
+        bench.main(["--workload", "map-512", "--provider", "mipic", "--repeats", "1", "--csv", str(tmp_path / "other.csv")])
