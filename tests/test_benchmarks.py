@@ -266,17 +266,22 @@ def test_budget_stops_when_stable_or_out_of_time() -> None:
         Budget(min_calls=0)
 
 
-def test_median_interval_covers_the_median_95_percent_of_the_time(gen) -> None:
-    # Exponential times: skewed, like call times. The interval must hold the true
-    # median (ln 2) in at least 95% of samples (minus the Monte Carlo error).
-    for n in (6, 10, 37):
-        times = torch.empty(4000, n).exponential_(generator=gen).double()
-        inside = 0
-        for row in times.tolist():
-            half = median_ci_half_width(row)
-            mid = sorted(row)[n // 2] if n % 2 else sum(sorted(row)[n // 2 - 1:n // 2 + 1]) / 2
-            inside += abs(math.log(2) - mid) <= half * mid  # symmetric bound around the sample median
-        assert inside / 4000 >= 0.93, n
+@pytest.mark.parametrize("n", [6, 7, 10, 20, 37, 100, 1000])
+def test_median_interval_is_the_narrowest_with_95_percent_coverage(n: int) -> None:
+    from scipy.stats import binom
+
+    from benchmarks.measure import _median_ci_rank
+
+    r = _median_ci_rank(n)
+    # [x_(r), x_(n+1-r)] misses the median when at most r - 1 times fall below it, or above.
+    assert 1 - 2 * binom.cdf(r - 1, n, 0.5) >= 0.95
+    assert 1 - 2 * binom.cdf(r, n, 0.5) < 0.95
+
+
+def test_median_interval_half_width() -> None:
+    times = [float(t) for t in range(1, 11)]  # n = 10: r = 2, so [2, 9] around the median 5.5
+    assert median_ci_half_width(times) == pytest.approx((9 - 2) / 2 / 5.5)
+    assert median_ci_half_width([3.0, 1.0, 2.0]) == pytest.approx((3 - 1) / 2 / 2)  # whole sample
     assert median_ci_half_width([5.0]) == math.inf
 
 
