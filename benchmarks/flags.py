@@ -22,7 +22,7 @@ from typing import Mapping, Optional
 
 MAX_SPREAD = 1.5
 ORDER_SLACK = 1.2
-# Contention is read to a few tenths of a core (see benchmarks.load).
+# Contention is read to a few tenths of a core (see mipic.machine).
 BUSY_SLACK_CORES = 0.25
 # (smaller, larger): the p50 of mode ``smaller`` must not exceed that of ``larger``.
 ORDERINGS = (("forward", "full"), ("backward", "full"), ("no-grad", "forward"))

@@ -16,7 +16,7 @@ must lie within ``target`` of it, after at least ``min_calls`` calls and
 stable. The naive loops take seconds per call where the fused kernels take
 milliseconds; both get a comparable share of the run. The number of calls is recorded
 with every result, and so is the machine's load during the timing
-(:mod:`benchmarks.load`).
+(:mod:`mipic.machine`).
 
 On CUDA each call sits between two CUDA events, with the L2 cache flushed before it (as
 ``triton.testing.do_bench`` does), read back in chunks; on a CPU ``time.perf_counter``
@@ -45,7 +45,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import load
+from mipic import machine
 from .catalog import MODES
 from .providers import LossFn
 from .workload import Workload
@@ -66,7 +66,7 @@ class Budget:
     min_calls: int = 10
     max_calls: int = 1000
     seconds: float = 3.0
-    # Long enough for the load reading (benchmarks.load) to mean something.
+    # Long enough for the load reading (mipic.machine) to mean something.
     min_seconds: float = 0.5
     # Relative half-width of the median's 95% confidence interval that counts as stable.
     target: float = 0.03
@@ -98,7 +98,7 @@ class Measurement:
     timer: str  # the clock and the number of timed calls, e.g. "perf_counter x10"
     ci: float  # relative half-width of the p50's 95% confidence interval
     stable: bool
-    load: load.Load
+    load: machine.Load
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def measure(case: Case, workload: Workload, *, warmup: int, budget: Budget) -> M
         case.call()
     _sync(x)
     cuda = x.device.type == "cuda"
-    with load.probe() as window:
+    with machine.probe() as window:
         times = _times_cuda(case, x, budget) if cuda else _times_cpu(case, x, budget)
     if cuda:
         peak = _peak_cuda(case, x)

@@ -106,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     """Measure what the parsed arguments ask for; the table goes to stdout."""
     import torch
 
-    from . import load, records
+    from mipic import machine
+
+    from . import records
     from .measure import Budget
     from .workload import make_workload, torch_dtype
 
@@ -133,10 +135,10 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__, "triton": records.triton_version(),
         "dtype": dtype_name, "kernel": args.kernel,
     }
-    cores = load.cpu_count()
+    cores = machine.cpu_count()
     # On CUDA one host thread launches the work; on a CPU every intra-op thread is busy.
     threads = 1 if on_gpu else torch.get_num_threads()
-    start_load = load.load_average()
+    start_load = machine.load_average()
     print(f"mipic-bench: nested top-k CKA loss (MIPIC's geometric term), {args.kernel} kernel, {dtype_name}")
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     print(f"load average {_fmt(start_load)} on {cores} cores; each case is timed until its p50 is stable "
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             rows += new
             if out_dir is not None and new:
                 records.append_rows(out_dir / records.CSV_NAME, [{**env, **row} for row in new])
-    _summary(rows, start_load, load.load_average(), cores)
+    _summary(rows, start_load, machine.load_average(), cores)
     if out_dir is not None:
         _save_figures(out_dir, len(rows))
     return 0

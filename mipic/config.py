@@ -134,9 +134,9 @@ class TrainConfig:
     # training, older ones than the latest max(N, 1) are deleted as new ones are written.
     keep_checkpoints: Optional[int] = 0
     device: str = "auto"
-    # CPU threads (null = torch's default, one per core). On a machine whose cores are busy
-    # with other work, fewer threads than cores avoids waiting on a busy core at every op.
-    threads: Optional[int] = None
+    # CPU threads: "auto" measures how many cores other processes keep busy and takes the
+    # rest (at most torch's default, one per core); an int fixes the count.
+    threads: Union[Literal["auto"], int] = "auto"
     # The start-up summary and a progress bar (a line per log record when not a terminal).
     progress: bool = True
 
@@ -384,6 +384,6 @@ def _check_values(cfg: Config) -> None:
              f"train.save_every must be an int >= 1 or null; got {t.save_every}")
     _require(t.keep_checkpoints is None or t.keep_checkpoints >= 0,
              f"train.keep_checkpoints must be an int >= 0 or null (keep all); got {t.keep_checkpoints}")
-    _require(t.threads is None or t.threads >= 1, f"train.threads must be an int >= 1 or null; got {t.threads}")
+    _require(t.threads == "auto" or t.threads >= 1, f"train.threads must be 'auto' or an int >= 1; got {t.threads}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"train.device must be 'auto', 'cpu' or 'cuda[:N]'; got {t.device!r}")

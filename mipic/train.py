@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import machine
 from .config import Config
 from .data import load_training_examples
 from .encoder import Encoder
@@ -142,13 +142,24 @@ class _Batches:
 
 def train(cfg: Config, output: str | Path, *, resume: bool = False) -> Path:
     """Train as ``cfg`` says, write metrics and checkpoints to ``output`` and the final
-    model there (loadable by transformers and sentence-transformers). Returns ``output``."""
-    output = Path(output)
+    model there (loadable by transformers and sentence-transformers). Returns ``output``.
+    On a CPU the run uses ``train.threads`` threads (chosen from the machine's load for
+    "auto") and gives torch its previous count back at the end."""
+    device = resolve_device(cfg.train.device)
+    if device.type != "cpu":
+        return _train(cfg, Path(output), device, resume, busy_cores=None)
+    previous = torch.get_num_threads()
+    threads, busy_cores = machine.spare_threads() if cfg.train.threads == "auto" else (cfg.train.threads, None)
+    torch.set_num_threads(threads)
+    try:
+        return _train(cfg, Path(output), device, resume, busy_cores)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(cfg: Config, output: Path, device: torch.device, resume: bool, busy_cores: Optional[float]) -> Path:
     t = cfg.train
-    device = resolve_device(t.device)
     autocast_dtype = resolve_precision(t.precision, device)
-    if t.threads is not None and device.type == "cpu":
-        torch.set_num_threads(t.threads)
     seed_everything(t.seed)
 
     examples = load_training_examples(cfg)
@@ -197,7 +208,7 @@ def train(cfg: Config, output: str | Path, *, resume: bool = False) -> Path:
     if t.progress:
         print(startup_summary(cfg, output, encoder, objective, examples=len(examples), total=total,
                               steps_per_epoch=steps_per_epoch, device=device, autocast_dtype=autocast_dtype,
-                              start=step), flush=True)
+                              start=step, busy_cores=busy_cores), flush=True)
 
     files = _RunFiles(output, resume)
     try:
@@ -285,9 +296,11 @@ class _RunFiles:
 def startup_summary(
     cfg: Config, output: Path, encoder: Encoder, objective: Objective, *, examples: int, total: int,
     steps_per_epoch: int, device: torch.device, autocast_dtype: Optional[torch.dtype], start: int = 0,
+    busy_cores: Optional[float] = None,
 ) -> str:
     """What the run is about to do, one line per part: model, widths, objective, data,
-    steps, device and load, saving."""
+    steps, device and load, saving. ``busy_cores``: what other processes used when the
+    threads were chosen."""
     m, o, t = cfg.model, cfg.objective, cfg.train
     config = encoder.model.config
     n_params = sum(p.numel() for p in encoder.model.parameters())
@@ -306,14 +319,14 @@ def startup_summary(
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[autocast_dtype]
     if device.type == "cpu":
         threads = torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        where = f"cpu, {threads} thread{'s' if threads > 1 else ''}, {precision}"
+        where = f"cpu, {threads} thread{'s' if threads > 1 else ''}"
+        if t.threads == "auto" and busy_cores is not None:
+            where += (f" (train.threads auto: other processes kept {busy_cores:.1f} of "
+                      f"{machine.cpu_count()} cores busy)")
+        where += f", {precision}"
+        load = machine.load_average()
         if load is not None:
-            where += f"; load average {load:.2f} on {cores} cores"
-            if threads > 1 and load > cores - threads + 0.5:
-                where += (" (busy: each parallel operation waits for its slowest thread, so steps can take "
-                          "several times longer; train.threads=1 or OMP_NUM_THREADS=1 avoids that)")
+            where += f"; load average {load:.2f}"
     else:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         where = f"{device} ({name}), {precision}"

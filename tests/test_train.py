@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -42,7 +43,8 @@ def _config(model, data, **train):
         "data": {"path": data},
         "objective": {"method": "mipic", "sia": {"layers": [1, 2, 3], "k_min": 2},
                       "pic": {"chain": [[8, 1], [16, 2], [32, 3]]}},
-        "train": {"batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "progress": False, "log_every": 1, **train},
+        "train": {"batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "progress": False, "log_every": 1,
+                  "threads": 1, **train},
     })
 
 
@@ -101,7 +103,7 @@ def test_resume_under_another_configuration_is_an_error(tiny_bert, sentences, tm
     with pytest.raises(ValueError, match=r"another configuration \(objective.sia.k_min: 2 -> 3; "
                                          r"train.lr: 0.001 -> 0.0005\); resume with the same one"):
         train(changed, tmp_path, resume=True)
-    allowed = _config(tiny_bert, sentences, max_steps=2, save_every=5, log_every=2, keep_checkpoints=3, threads=1)
+    allowed = _config(tiny_bert, sentences, max_steps=2, save_every=5, log_every=2, keep_checkpoints=3, threads=2)
     train(allowed, tmp_path, resume=True)
 
 
@@ -221,9 +223,11 @@ def test_a_run_that_fails_after_a_checkpoint_says_what_it_left(tiny_bert, senten
 
 
 def test_start_up_summary_and_log_lines(tiny_bert, sentences, tmp_path, capsys):
-    cfg = _config(tiny_bert, sentences, epochs=2, save_every=2, progress=True, log_every=2)
+    cfg = _config(tiny_bert, sentences, epochs=2, save_every=2, progress=True, log_every=2, threads="auto")
     cfg.objective.mic.enabled = True
+    threads_before = torch.get_num_threads()
     train(cfg, tmp_path)
+    assert torch.get_num_threads() == threads_before  # given back
     out, err = capsys.readouterr()
     summary = dict(line.strip().split(None, 1) for line in out.splitlines()[1:])
     assert out.splitlines()[0] == f"mipic train -> {tmp_path.resolve()}"
@@ -233,7 +237,8 @@ def test_start_up_summary_and_log_lines(tiny_bert, sentences, tmp_path, capsys):
     assert "+ 0.1 MIC (SCR + SIR)" in summary["objective"]
     assert summary["data"].startswith(f"{len(SENTENCES)} examples from {sentences}")
     assert summary["steps"].startswith("4 optimiser steps of 4 x 1 examples (2.00 epochs of 2 steps)")
-    assert summary["device"].startswith(f"cpu, {torch.get_num_threads()} thread")
+    assert re.fullmatch(r"cpu, \d+ threads? \(train.threads auto: other processes kept \d+\.\d of \d+ cores busy\), "
+                        r"fp32; load average \d+\.\d\d", summary["device"]), summary["device"]
     assert summary["saves"].endswith("deleted once the final model is saved")
     # Not a terminal: one line per metrics record instead of a bar, each with its step time.
     lines = [line for line in err.splitlines() if line.startswith("train step")]

@@ -1,6 +1,7 @@
-"""What else the machine was doing while a case was timed.
+"""What else the machine is doing: the benchmarks record it with every timing, and the
+trainer sizes its CPU threads by it.
 
-Two readings per timing window:
+Two readings per window:
 
 * the 1-minute load average before and after (``os.getloadavg``), which is what a
   reader of the results can compare across machines, but lags by a minute;
@@ -9,12 +10,19 @@ Two readings per timing window:
   ``/proc/stat`` minus this process's own CPU time, divided by the wall time. This is
   the direct measure of contention; it is None where ``/proc/stat`` does not exist.
 
+Torch runs one intra-op thread per core by default, and every parallel operation waits
+for its slowest thread: when other processes keep some cores busy, a thread that shares
+a core stalls every operation. On a 2-core machine with other work on about 1.4 cores,
+a training step of all-MiniLM-L6-v2 took 7-9 s with 2 threads and 2-3 s with 1
+(docs/trainer.md); :func:`spare_threads` picks the thread count from the measured load.
+
 The kernel counts CPU time in ticks of 10 ms per CPU, so a window of a fraction of a
 second reads ``others_cores`` only to a few tenths of a core.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from contextlib import contextmanager
@@ -68,6 +76,28 @@ def probe() -> Iterator[LoadWindow]:
     if busy_start is not None and busy_end is not None and wall_end > wall_start:
         others = max(0.0, ((busy_end - busy_start) - (own_end - own_start)) / (wall_end - wall_start))
     window.load = Load(before, load_average(), others)
+
+
+@functools.lru_cache(maxsize=None)
+def default_threads() -> int:
+    """Torch's intra-op threads as this process found them (before any choice made here)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def spare_threads(window_s: float = 0.5) -> tuple[int, Optional[float]]:
+    """Threads for the cores that other processes leave free, measured over ``window_s``
+    seconds: ``round(cores - others_cores)``, at least 1 and at most torch's default.
+    Returns the count and the cores others used (None where that cannot be read: then
+    torch's default)."""
+    default = default_threads()
+    with probe() as window:
+        time.sleep(window_s)
+    others = window.load.others_cores
+    if others is None:
+        return default, None
+    return max(1, min(default, round(cpu_count() - others))), others
 
 
 def _snapshot() -> tuple[Optional[float], float, float]:
