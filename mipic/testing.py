@@ -27,7 +27,9 @@ def build_tiny_model(folder, kind: str = "bert") -> str:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *string.ascii_lowercase, ".", ","]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # Positional: the first parameter is vocab_file in transformers 4 and vocab (which takes
+    # a path) in 5, where a vocab_file keyword is ignored and leaves only the special tokens.
+    tokenizer = BertTokenizerFast(str(folder / "vocab.txt"), do_lower_case=True)
     with torch.random.fork_rng():  # fixed weights without touching the caller's RNG
         torch.manual_seed(0)
         model = _tiny_model(kind, len(vocab))

@@ -31,6 +31,7 @@ from .config import Config
 from .data import load_training_examples
 from .encoder import Encoder
 from .objectives import Objective
+from .objectives.terms import Formula
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -301,7 +302,7 @@ def startup_summary(
     """What the run is about to do, one line per part: model, widths, objective, data,
     steps, device and load, saving. ``busy_cores``: what other processes used when the
     threads were chosen."""
-    m, o, t = cfg.model, cfg.objective, cfg.train
+    m, t = cfg.model, cfg.train
     config = encoder.model.config
     n_params = sum(p.numel() for p in encoder.model.parameters())
     lines = [f"mipic train -> {output.resolve()}" + (f" (resuming at step {start})" if start else "")]
@@ -309,7 +310,7 @@ def startup_summary(
                  f"{encoder.hidden_size}, {n_params:,} parameters); pooling {encoder.pooling}, "
                  f"texts cut at {encoder.max_length} tokens")
     lines.append(f"  widths     {', '.join(map(str, m.dims))}")
-    lines.append(f"  objective  {_describe_objective(cfg, objective, device)}")
+    lines.append(f"  objective  {_describe_objective(cfg, objective, encoder, device)}")
     paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
     views = "two dropout views of each sentence (SimCSE)" if cfg.data.mode == "unsupervised" else "pairs or triplets"
     lines.append(f"  data       {examples:,} examples from {', '.join(paths)}; {views}")
@@ -339,26 +340,32 @@ def startup_summary(
     return "\n".join(lines)
 
 
-def _describe_objective(cfg: Config, objective: Objective, device: torch.device) -> str:
+def _describe_objective(cfg: Config, objective: Objective, encoder: Encoder, device: torch.device) -> str:
+    """The formula over the logged parts, then what each term works on."""
     o = cfg.objective
-    if o.method == "mipic":
+    details = [f"{o.method} = {_formula(objective.formula)}"]
+    if "sia" in objective.terms:
         s = o.sia
-        terms = [f"{s.attention_weight:g} attention", f"{s.cka_weight:g} CKA"]
-        if objective.pic is not None:
-            terms.append(f"{o.pic.weight:g} PIC")
-        text = f"mipic = {o.alpha:g} MRL + {1 - o.alpha:g} ({' + '.join(terms)})"
+        widths = sum(d < encoder.hidden_size for d in cfg.model.dims)
         backend = s.backend + (" (the eager reference on CPU)" if s.backend == "auto" and device.type == "cpu" else "")
-        text += (f"; SIA at layers {', '.join(map(str, s.layers))} x {len(objective.truncated)} widths, "
-                 f"CKA backend {backend}")
-        if objective.pic is not None:
-            text += f"; PIC chain of {len(o.pic.chain)} links"
-    elif o.method == "ese":
-        text = f"ese = MRL + {o.ese.weight:g} ESE at layers {', '.join(map(str, o.ese.layers))}"
-    else:
-        text = "mrl = MRL"
-    if o.mic.enabled:
-        text += f" + {o.mic.gamma:g} MIC (SCR + SIR) at layers {', '.join(map(str, objective.mic_layers))}"
-    return text + f"; InfoNCE at temperature {o.temperature:g}"
+        details.append(f"SIA at layers {', '.join(map(str, s.layers))} x {widths} widths, CKA backend {backend}")
+    if "pic" in objective.terms:
+        details.append(f"PIC chain of {len(o.pic.chain)} links")
+    if "ese" in objective.terms:
+        details.append(f"ESE at layers {', '.join(map(str, o.ese.layers))}")
+    if "mic" in objective.terms:
+        details.append(f"MIC at layers {', '.join(map(str, o.mic.layers or [encoder.num_layers]))}")
+    details.append(f"InfoNCE at temperature {o.temperature:g}")
+    return "; ".join(details)
+
+
+def _formula(formula: Formula) -> str:
+    """``0.4 mrl + 0.6 (sia_attention + sia_cka + 0.1 pic)``: the weighted sum as computed."""
+    terms = []
+    for weight, item in formula:
+        text = item if isinstance(item, str) else f"({_formula(item)})"
+        terms.append(text if weight == 1 else f"{weight:g} {text}")
+    return " + ".join(terms)
 
 
 def _save_checkpoint(output, step, cfg, encoder, objective, optimizer, scheduler, scaler) -> None:

@@ -1,8 +1,14 @@
 """Fast, exact Matryoshka relational losses: batched linear and RBF CKA with nested
-top-k token selection, an eager reference and fused Triton kernels."""
+top-k token selection, an eager reference and fused Triton kernels; MIC's soft
+collapse and spectral isotropy regularisers at every width in one pass."""
 
 from .api import cka, nested_cka
 from .losses import NestedCKALoss
+from .mic import soft_collapse, spectral_isotropy
+from .mic_losses import SoftCollapseLoss, SpectralIsotropyLoss
 
-__all__ = ["cka", "nested_cka", "NestedCKALoss"]
+__all__ = [
+    "cka", "nested_cka", "NestedCKALoss",
+    "soft_collapse", "spectral_isotropy", "SoftCollapseLoss", "SpectralIsotropyLoss",
+]
 __version__ = "0.1.0"

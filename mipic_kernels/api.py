@@ -1,14 +1,20 @@
 """The public functions: argument checks, token selection and backend dispatch.
 
 Every argument is checked here and nowhere else; the backends
-(:mod:`mipic_kernels.reference` and :mod:`mipic_kernels.triton`) receive validated,
+(:mod:`mipic_kernels.reference` and :mod:`mipic_kernels.fused`) receive validated,
 normalised arguments with the same internal signature:
 
 ``cka(x, y, mask, *, kernel, unbiased, sigma, rbf_threshold)`` and
-``nested_cka_ranked(x, dims, order, k, *, kernel, unbiased, sigma, rbf_threshold,
-detach_full)``, where ``mask`` is a bool tensor, ``order`` the token ranking from
-:func:`mipic_kernels.selection.rank_tokens` and ``k`` the per-width counts from
-:func:`mipic_kernels.selection.resolve_k`.
+``nested_cka_ranked(x, dims, order, k, k_top, *, kernel, unbiased, sigma,
+rbf_threshold, detach_full)``, where ``mask`` is a bool tensor, ``order`` the token
+ranking (:func:`_token_order`: the fused score-and-rank kernel or
+:func:`mipic_kernels.selection.rank_tokens`), ``k`` the per-width counts
+from :func:`mipic_kernels.selection.resolve_k` and ``k_top`` their bound from
+:func:`mipic_kernels.selection.gram_edge`, an int known without reading the data.
+
+Checks of values (non-finite ``x``, ``y`` or ``scores``) read the data on the host,
+so they run only on the reference path in eager mode: the fused path never waits
+for the device, and under ``torch.compile`` they would break the graph.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ def cka(
         ``(*)`` tensor, float64 for float64 input and float32 otherwise. Entries with
         too few rows (2, or 4 for the unbiased estimator) or a side without variance
         are NaN, and only those.
+
+    Raises:
+        ValueError: for non-finite ``x`` or ``y`` on the torch backend in eager mode.
+        The triton backend and ``torch.compile`` skip that check (it would read the
+        data on the host); non-finite inputs then give NaN entries.
     """
     _check_features("x", x, min_dim=2)
     _check_features("y", y, min_dim=2)
@@ -70,7 +81,7 @@ def cka(
     mask = _check_mask(mask, x)
     kernel, sigma = _check_kernel(kernel, sigma, rbf_threshold)
     impl = _backend(backend, x)
-    if impl is reference:
+    if _checks_values(impl):
         _check_finite("x", x)
         _check_finite("y", y)
     return impl.cka(
@@ -119,6 +130,13 @@ def nested_cka(
     Returns:
         ``(*, len(dims))``, float64 for float64 input and float32 otherwise; NaN
         exactly where the entry is undefined (see :func:`cka`).
+
+    Raises:
+        ValueError: for non-finite ``x``, or non-finite ``scores`` at a real token, on
+        the torch backend in eager mode. The triton backend and ``torch.compile`` skip
+        these checks (they would read the data on the host): a non-finite value in a
+        selected token then makes its example's entries NaN, and non-finite scores
+        rank their tokens in an unspecified (but valid) order.
     """
     _check_features("x", x, min_dim=2)
     if x.shape[-2] == 0:
@@ -130,33 +148,62 @@ def nested_cka(
     mask = _check_mask(mask, x)
     kernel, sigma = _check_kernel(kernel, sigma, rbf_threshold)
     impl = _backend(backend, x)
-    if impl is reference:
+    check_values = _checks_values(impl)
+    if check_values:
         _check_finite("x", x)
     if isinstance(scores, str):
         if scores != "cls":
             raise ValueError(f"scores must be a (*, T) tensor, 'cls' or None; got {scores!r}")
-        scores = selection.cls_scores(x)
     elif scores is not None:
-        scores = _check_scores(scores, x, mask)
-    order = selection.rank_tokens(scores, mask)
+        scores = _check_scores(scores, x, mask, check_values=check_values)
+    order = _token_order(x, scores, mask)
     counts = selection.resolve_k(k, k_min, mask.sum(-1), len(dims))
+    k_top = selection.gram_edge(k, k_min, x.shape[-2])
     return impl.nested_cka_ranked(
-        x, dims, order, counts, kernel=kernel, unbiased=bool(unbiased), sigma=sigma,
+        x, dims, order, counts, k_top, kernel=kernel, unbiased=bool(unbiased), sigma=sigma,
         rbf_threshold=float(rbf_threshold), detach_full=bool(detach_full),
     )
 
 
-def _backend(backend: str, x: torch.Tensor) -> ModuleType:
+def _check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "torch":
+    return str(backend)
+
+
+def _backend(backend: str, x: torch.Tensor) -> ModuleType:
+    if _check_backend(backend) == "torch":
         return reference
-    from . import triton as triton_backend
+    from . import fused
 
     if backend == "triton":
-        triton_backend.check_usable(x)
-        return triton_backend
-    return triton_backend if triton_backend.preferred_for(x) else reference
+        fused.check_usable(x)
+        return fused
+    return fused if fused.preferred_for(x) else reference
+
+
+def _token_order(x: torch.Tensor, scores: ScoresSpec, mask: torch.Tensor) -> torch.Tensor:
+    """The token order every backend gets (see :func:`selection.rank_tokens`).
+
+    ``"cls"`` runs the fused score-and-rank kernel whenever triton can run on ``x`` (a
+    CUDA tensor, or the interpreter), whatever the backend: it reads ``x`` once in its
+    own dtype. Elsewhere :func:`selection.cls_scores` computes the same scores in
+    torch; the two may order tokens whose scores are within float32 rounding of each
+    other differently, but every backend on one device gets one order.
+    """
+    if isinstance(scores, str):
+        from . import fused
+
+        if fused.can_run(x):
+            return fused.cls_order(x, mask)
+        scores = selection.cls_scores(x)
+    return selection.rank_tokens(scores, mask)
+
+
+def _checks_values(impl: ModuleType) -> bool:
+    """Whether the checks that read tensor values (a host synchronisation) run: on the
+    reference path, outside ``torch.compile``."""
+    return impl is reference and not torch.compiler.is_compiling()
 
 
 def _check_features(name: str, t: object, *, min_dim: int) -> None:
@@ -196,7 +243,7 @@ def _check_mask(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _check_scores(scores: object, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _check_scores(scores: object, x: torch.Tensor, mask: torch.Tensor, *, check_values: bool) -> torch.Tensor:
     rows = x.shape[:-1]
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a (*, T) tensor, 'cls' or None; got {type(scores).__name__}")
@@ -205,7 +252,7 @@ def _check_scores(scores: object, x: torch.Tensor, mask: torch.Tensor) -> torch.
     if scores.shape != rows:
         raise ValueError(f"scores must have shape {tuple(rows)} (x.shape[:-1]); got {tuple(scores.shape)}")
     _check_same_device("scores", scores, x)
-    if not bool(torch.isfinite(scores[mask]).all()):
+    if check_values and not bool(torch.isfinite(scores[mask]).all()):
         raise ValueError("scores must be finite at every real token (mask True)")
     return scores.detach()
 

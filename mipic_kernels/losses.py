@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .api import _check_dims, nested_cka
-from .selection import ScoresSpec
+from .api import _check_backend, _check_dims, _check_k, _check_kernel, _check_positive_int, nested_cka
+from .selection import KSpec, ScoresSpec
 
 REDUCTIONS = ("mean", "sum")
 
@@ -21,13 +23,17 @@ class NestedCKALoss(nn.Module):
     out, a width with none defined contributes 0, and the loss and its gradients are
     always finite.
 
+    Every argument is checked here, with the messages of
+    :func:`mipic_kernels.nested_cka`; only the bound ``dims[-1] <= D`` waits for the
+    input. ``NestedCKALoss(**loss.get_config_dict())`` rebuilds the loss.
+
     Args:
         dims: strictly increasing widths.
         weights: one non-negative weight per width (default 1 each).
         reduction: ``"mean"`` or ``"sum"`` over the defined entries of each width.
-        **options: any keyword of :func:`mipic_kernels.nested_cka` (``k``, ``k_min``,
-            ``kernel``, ``unbiased``, ``sigma``, ``rbf_threshold``, ``detach_full``,
-            ``backend``).
+        k, k_min, kernel, unbiased, sigma, rbf_threshold, detach_full, backend: as in
+            :func:`mipic_kernels.nested_cka` (token counts, RBF options, a detached
+            full-width teacher by default, ``"auto"`` | ``"torch"`` | ``"triton"``).
     """
 
     def __init__(
@@ -35,25 +41,36 @@ class NestedCKALoss(nn.Module):
         dims: Sequence[int],
         weights: Optional[Sequence[float]] = None,
         reduction: str = "mean",
-        **options: Any,
+        *,
+        k: KSpec = None,
+        k_min: int = 1,
+        kernel: str = "linear",
+        unbiased: bool = False,
+        sigma: Optional[float] = None,
+        rbf_threshold: float = 1.0,
+        detach_full: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.dims = _check_dims(dims, depth=None)
+        self.width_weights = _check_weights(weights, len(self.dims))
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-        if weights is None:
-            weights = [1.0] * len(self.dims)
-        weights = [float(w) for w in weights]
-        if len(weights) != len(self.dims) or any(not w >= 0 or w == float("inf") for w in weights):
-            raise ValueError(
-                f"weights must be {len(self.dims)} finite non-negative floats, one per width; got {weights!r}"
-            )
-        forbidden = {"dims", "scores", "mask"} & set(options)
-        if forbidden:
-            raise TypeError(f"NestedCKALoss options must not include {sorted(forbidden)}: pass them to forward")
         self.reduction = reduction
-        self.options = dict(options)
-        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
+        kernel, sigma = _check_kernel(kernel, sigma, rbf_threshold)
+        self.options: dict[str, Any] = dict(
+            k=_check_k(k, len(self.dims)),
+            k_min=_check_positive_int("k_min", k_min),
+            kernel=kernel,
+            unbiased=bool(unbiased),
+            sigma=sigma,
+            rbf_threshold=float(rbf_threshold),
+            detach_full=bool(detach_full),
+            backend=_check_backend(backend),
+        )
+        self.register_buffer(
+            "weights", torch.tensor(self.width_weights, dtype=torch.float64), persistent=False
+        )
 
     def per_width(
         self, x: torch.Tensor, scores: ScoresSpec = None, mask: Optional[torch.Tensor] = None
@@ -72,9 +89,38 @@ class NestedCKALoss(nn.Module):
     def forward(
         self, x: torch.Tensor, scores: ScoresSpec = None, mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """The weighted loss (a scalar) for token states ``x (*, T, D)``."""
+        """The weighted loss (a scalar) for token states ``x (*, T, D)``; ``scores`` and
+        ``mask`` as in :func:`mipic_kernels.nested_cka`."""
         gaps = self.per_width(x, scores=scores, mask=mask)
         return (gaps * self.weights.to(gaps)).sum()
 
+    def get_config_dict(self) -> dict[str, Any]:
+        """The constructor's arguments (plain Python values, JSON-serialisable)."""
+        config = dict(
+            dims=list(self.dims), weights=list(self.width_weights), reduction=self.reduction, **self.options
+        )
+        if isinstance(config["k"], list):
+            config["k"] = list(config["k"])  # a copy: changing it must not change the loss
+        return config
+
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, reduction={self.reduction!r}, options={self.options}"
+        return ", ".join(f"{name}={value!r}" for name, value in self.get_config_dict().items())
+
+
+def _check_weights(weights: Optional[Sequence[float]], n_widths: int) -> tuple[float, ...]:
+    if weights is None:
+        return (1.0,) * n_widths
+    ok = (
+        not isinstance(weights, (str, bytes)) and isinstance(weights, Sequence)
+        and len(weights) == n_widths
+        and all(
+            isinstance(w, numbers.Real) and not isinstance(w, bool)
+            and math.isfinite(float(w)) and float(w) >= 0
+            for w in weights
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"weights must be {n_widths} finite non-negative floats, one per width; got {weights!r}"
+        )
+    return tuple(float(w) for w in weights)

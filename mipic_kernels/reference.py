@@ -21,8 +21,9 @@ side has no variance: its rows coincide to working precision
 (more than half of the row pairs coincide), or its self-HSIC is not above
 ``(n eps)^2`` times its scale (``spread^2`` linear, ``n^2`` RBF): the unbiased
 self-HSIC is zero for some spread-out sets too, e.g. one token away from three that
-coincide. ``eps`` is the machine
-epsilon of the arithmetic dtype. Gradients stay finite everywhere.
+coincide. ``eps`` is the machine epsilon of the arithmetic dtype. The rule is
+:func:`mipic_kernels.rules.defined_entries`, shared with the fused backend.
+Gradients stay finite everywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from .rules import cka_value, defined_entries, segment_bounds
 from .selection import accumulation_dtype
 
 
@@ -61,6 +63,7 @@ def nested_cka_ranked(
     dims: tuple[int, ...],
     order: torch.Tensor,
     k: torch.Tensor,
+    k_top: int,
     *,
     kernel: str,
     unbiased: bool,
@@ -70,12 +73,11 @@ def nested_cka_ranked(
 ) -> torch.Tensor:
     """CKA of each width prefix against the full width over its top-``k`` tokens.
 
-    ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts.
-    Returns ``(*, W)``.
+    ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts,
+    each at most ``k_top``, the edge of the Grams. Returns ``(*, W)``.
     """
     dtype = accumulation_dtype(x.dtype)
     depth = x.shape[-1]
-    k_top = max(int(k.max()) if k.numel() else 1, 1)
     index = order[..., :k_top, None].expand(*order.shape[:-1], k_top, depth)
     sel = torch.gather(x, -2, index).to(dtype)
 
@@ -87,7 +89,7 @@ def nested_cka_ranked(
 
     # All prefix Grams from one sweep over the columns: G_d = sum of the block
     # products up to d (the nesting trick), so the cost is that of one full Gram.
-    bounds = (0, *dims) + ((depth,) if dims[-1] < depth else ())
+    bounds = segment_bounds(dims, depth)
     seg_grams, seg_sq = [], []
     for lo, hi in zip(bounds, bounds[1:]):
         zs = z[..., lo:hi]
@@ -138,22 +140,10 @@ def cka_from_grams(
     kx, spread_x, ok_x = _kernel_matrix(gx, rows, pair, n, kernel, sigma, rbf_threshold)
     ky, spread_y, ok_y = _kernel_matrix(gy, rows, pair, n, kernel, sigma, rbf_threshold)
     a, b, c = _hsic_terms(kx, ky, pair, n, unbiased)
-
-    eps = torch.finfo(gx.dtype).eps
-    tol = n * eps
-    scale_x = spread_x.square() if kernel == "linear" else n.square()
-    scale_y = spread_y.square() if kernel == "linear" else n.square()
-    with torch.no_grad():
-        defined = (
-            (n >= (4 if unbiased else 2))
-            & ok_x & ok_y
-            & (spread_x > tol * size_x) & (spread_y > tol * size_y)
-            & (b > tol.square() * scale_x) & (c > tol.square() * scale_y)
-        )
-    one = torch.ones_like(a)
-    denom = torch.sqrt(torch.where(defined, b, one) * torch.where(defined, c, one))
-    value = torch.where(defined, a, torch.zeros_like(a)) / denom
-    return torch.where(defined, value, torch.full_like(value, math.nan))
+    defined = defined_entries(
+        n, spread_x, spread_y, size_x, size_y, b, c, ok_x & ok_y, kernel=kernel, unbiased=unbiased
+    )
+    return cka_value(a, b, c, defined)
 
 
 def _centred_gram(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

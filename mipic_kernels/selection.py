@@ -1,8 +1,10 @@
 """Token ranking and per-width token counts, shared by every backend.
 
-Both backends receive the same ``order`` and ``k`` tensors, so a token ranked
-differently by two backends (summation order, CPU vs CUDA ``topk`` ties) can
-never be the reason their results differ.
+Both backends receive the same ``order`` and ``k`` tensors, computed once by
+:mod:`mipic_kernels.api` (which runs the fused score-and-rank kernel for
+``scores="cls"`` where it can, :func:`cls_scores` and :func:`rank_tokens` otherwise),
+so a token ranked differently by two backends (summation order, CPU vs CUDA
+``topk`` ties) can never be the reason their results differ.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import torch
 KSpec = Union[None, int, Sequence[Union[int, float]]]
 ScoresSpec = Union[None, str, torch.Tensor]
 
+# Elements of x converted to the accumulation dtype at once by cls_scores (64 MiB
+# of float32).
+_SCORE_CHUNK_ELEMENTS = 1 << 24
+
 # A fraction times a count is rounded up, but ``0.3 * 10`` is 3.0000000000000004
 # in binary floating point: the slack makes the decimal reading (3) win.
 _CEIL_SLACK = 1e-9
@@ -25,10 +31,19 @@ def cls_scores(x: torch.Tensor) -> torch.Tensor:
 
     ``x`` is ``(*, T, D)``; the first position is the query. Returns ``(*, T)`` in the
     accumulation dtype (float64 for float64 input, else float32), without gradient:
-    the ranking it feeds is not differentiable.
+    the ranking it feeds is not differentiable. Half-precision inputs are converted
+    a few examples at a time, so no float32 copy of all of ``x`` is made.
     """
-    z = x.detach().to(accumulation_dtype(x.dtype))
-    return (z[..., :1, :] * z).sum(-1) / math.sqrt(z.shape[-1])
+    lead, (tokens, depth) = x.shape[:-2], x.shape[-2:]
+    dtype = accumulation_dtype(x.dtype)
+    flat = x.detach().reshape(-1, tokens, depth)
+    step = max(1, _SCORE_CHUNK_ELEMENTS // max(tokens * depth, 1))
+    chunks = []
+    for start in range(0, flat.shape[0], step):
+        z = flat[start:start + step].to(dtype)
+        chunks.append((z @ z[:, 0, :, None]).squeeze(-1) / math.sqrt(depth))
+    scores = torch.cat(chunks) if chunks else flat.new_zeros(0, tokens, dtype=dtype)
+    return scores.reshape(*lead, tokens)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,3 +89,22 @@ def resolve_k(k: KSpec, k_min: int, counts: torch.Tensor, n_widths: int) -> torc
                 want = torch.full_like(c, spec)
             per_width.append(torch.minimum(want.clamp(min=k_min), c))
     return torch.stack(per_width, dim=-1)
+
+
+def gram_edge(k: KSpec, k_min: int, tokens: int) -> int:
+    """The Gram edge: the largest count :func:`resolve_k` can give an example of
+    ``tokens`` positions, from the spec alone (``max`` over the widths of
+    ``min(max(ceil(f T), k_min), T)`` for a fraction ``f``, ``min(max(k, k_min), T)``
+    for an int, ``T`` for None).
+
+    Both backends size their ``k x k`` buffers by it, so it is known on the host
+    without reading the data (no device synchronisation) and changes only with
+    ``T``, not with the batch's real lengths; rows past each example's own count
+    are masked. ``resolve_k`` is monotone in the count, so every count is within it.
+    """
+    if k is None:
+        return tokens
+    specs = [k] if isinstance(k, int) else k
+    # The float64 product and ceiling of resolve_k, on the host.
+    want = max(math.ceil(tokens * s - _CEIL_SLACK) if isinstance(s, float) else s for s in specs)
+    return min(max(want, k_min), tokens)

@@ -11,10 +11,13 @@ the rounding of the gradient to the input dtype.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import mipic_kernels as mk
+from mipic_kernels import fused
 from tests.accuracy import assert_within_float32_error, float32_runs
 from tests.seeding import generator
 
@@ -103,9 +106,73 @@ def test_torch_compile_fullgraph_inductor():
 
 
 def test_auto_picks_triton_for_cuda_tensors():
-    from mipic_kernels import triton as triton_backend
-
     x = _states((2,), 16, 32, torch.float32, seed=10)
-    assert triton_backend.preferred_for(x)
-    assert not triton_backend.preferred_for(x.double())
-    assert not triton_backend.preferred_for(x.cpu())
+    assert fused.preferred_for(x)
+    assert not fused.preferred_for(x.double())
+    assert not fused.preferred_for(x.cpu())
+
+
+def test_cls_ranking_needs_no_float32_copy_of_x():
+    # bert-base sized layers x batch in bfloat16: the score-and-rank kernel allocates
+    # its (B, T) float32 scores and the int64 order, nothing of the size of x.
+    lead, t = (7, 16), 256
+    x = _states(lead, t, 768, torch.bfloat16, seed=11)
+    mask = torch.rand(*lead, t, generator=generator(12, "cuda"), device="cuda") < 0.8
+    fused.cls_order(x, mask)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    order = fused.cls_order(x, mask)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 12 * mask.numel() + 2**20, f"{extra} bytes for x of {x.nbytes}"
+    assert torch.equal(order.sort(-1).values, torch.arange(t, device="cuda").expand_as(order))
+    real = mask.sum(-1, keepdim=True)
+    assert (mask.gather(-1, order) == (torch.arange(t, device="cuda") < real)).all()
+
+
+def test_cuda_graph_of_a_training_step_matches_eager():
+    # The fused loss makes no host sync, so a whole step (encoder, loss with "cls"
+    # ranking, backward, optimiser) is captured once and replayed on new data.
+    lead, t, d = (3, 4), 40, 96
+    dims, k = (16, 48, 96), [0.3, 0.6, 1.0]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Linear(d, d)).cuda()
+    loss_fn = mk.NestedCKALoss(dims, k=k, k_min=4, kernel="rbf", detach_full=False, backend="triton").cuda()
+
+    def batch(seed):
+        x = _states(lead, t, d, torch.float32, seed=seed)
+        mask = torch.rand(*lead, t, generator=generator(seed + 1, "cuda"), device="cuda") < 0.8
+        mask[..., :6] = True
+        return x, mask
+
+    def step(net, opt, x, mask):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(net(x), scores="cls", mask=mask)
+        loss.backward()
+        opt.step()
+        return loss
+
+    static_x, static_mask = batch(400)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernels, uploads the bounds
+        for _ in range(2):
+            step(model, opt, static_x, static_mask)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(model, opt, static_x, static_mask)
+
+    for seed in (500, 600):
+        x, mask = batch(seed)
+        twin = copy.deepcopy(model)
+        twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        want = step(twin, twin_opt, x, mask)
+        static_x.copy_(x)
+        static_mask.copy_(mask)
+        graph.replay()
+        torch.testing.assert_close(static_loss, want)
+        for got_p, want_p in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(got_p, want_p)

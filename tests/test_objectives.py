@@ -10,14 +10,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+import mipic_kernels as mk
 from mipic_kernels import nested_cka
 from mipic.config import config_from_dict
 from mipic.encoder import Encoder, pool, query_positions
-from mipic.objectives import Objective
-from mipic.objectives.mic import soft_collapse, spectral_isotropy
-from mipic.objectives.mrl import MRLLoss, info_nce
-from mipic.objectives.pic import PICLoss
-from mipic.objectives.sia import SIALoss, default_k_fractions
+from mipic.objectives import EncodedBatch, ESELoss, MICLoss, MRLLoss, Objective, PICLoss, SIALoss, weighted_sum
+from mipic.objectives.mrl import info_nce
+from mipic.objectives.sia import default_k_fractions
 from mipic.testing import build_tiny_model
 
 
@@ -47,7 +46,7 @@ def test_info_nce_by_hand(gen):
 
 def test_mrl_truncates_then_normalises(gen):
     a, p = torch.randn(6, 12, generator=gen), torch.randn(6, 12, generator=gen)
-    per_width = MRLLoss([3, 5, 12], 0.05)(a, p)
+    per_width = MRLLoss([3, 5, 12], 0.05).per_width(a, p)
     for value, d in zip(per_width, [3, 5, 12]):
         assert float(value) == pytest.approx(_loop_info_nce(a[:, :d], p[:, :d], 0.05), rel=1e-4)
 
@@ -64,7 +63,7 @@ def test_sia_attention_kl_by_hand(gen):
     hidden, mask = _sia_inputs(gen)
     sia = SIALoss(16, [4, 8, 16], [1, 2], attention_temperature=0.7, k_min=2)
     query = torch.tensor([0, 0, 0])
-    att, _ = sia([h.float() for h in hidden], mask, query)
+    att = sia.per_term([h.float() for h in hidden], mask, query)["sia_attention"]
     expected = []
     for l in (1, 2):
         for d in (4, 8):
@@ -81,7 +80,7 @@ def test_sia_attention_kl_by_hand(gen):
     assert float(att.detach()) == pytest.approx(sum(expected) / len(expected), rel=1e-4)
     sia_sum = SIALoss(16, [4, 8, 16], [1, 2], attention_temperature=0.7, k_min=2, aggregation="sum")
     sia_sum.load_state_dict(sia.state_dict())
-    att_sum, _ = sia_sum([h.float() for h in hidden], mask, query)
+    att_sum = sia_sum.per_term([h.float() for h in hidden], mask, query)["sia_attention"]
     assert float(att_sum.detach()) == pytest.approx(sum(expected), rel=1e-4)
 
 
@@ -89,7 +88,7 @@ def test_sia_cka_is_one_stacked_call_of_nested_cka(gen):
     hidden, mask = _sia_inputs(gen)
     fractions = [0.5, 1.0]
     sia = SIALoss(16, [4, 8, 16], [1, 2], k_fractions=fractions, k_min=3, backend="torch")
-    _, cka = sia(hidden, mask, torch.zeros(3, dtype=torch.long))
+    cka = sia.per_term(hidden, mask, torch.zeros(3, dtype=torch.long))["sia_cka"]
     gaps = []
     for l in (1, 2):
         values = nested_cka(hidden[l], [4, 8], k=fractions, k_min=3, scores="cls", mask=mask)
@@ -104,8 +103,8 @@ def test_sia_gradients_reach_prefixes_only_when_teacher_detached(gen, detach):
     hidden, mask = _sia_inputs(gen)
     states = [h.float().requires_grad_() for h in hidden]
     sia = SIALoss(16, [4, 8, 16], [1, 2], k_min=2, detach_teacher=detach)
-    att, cka = sia(states, mask, torch.zeros(3, dtype=torch.long))
-    (att + cka).backward()
+    parts = sia.per_term(states, mask, torch.zeros(3, dtype=torch.long))
+    (parts["sia_attention"] + parts["sia_cka"]).backward()
     for l in (1, 2):
         grad = states[l].grad
         assert grad[..., :8][mask].abs().sum() > 0
@@ -120,7 +119,7 @@ def test_pic_by_hand_and_detached_targets(gen):
     pic = PICLoss([[4, 1], [8, 2], [16, 3]], temperature=0.1)
     assert [tuple(h[0].weight.shape) for h in pic.heads] == [(4, 4), (8, 8)]  # hidden max(d_i, d_i+1) // 2
     pooled = {l: torch.randn(5, 16, generator=gen).requires_grad_() for l in (1, 2, 3)}
-    links = pic(pooled)
+    links = pic.links(pooled)
     for i, (d_in, l_in, d_out, l_out) in enumerate([(4, 1, 8, 2), (8, 2, 16, 3)]):
         prediction = pic.heads[i](pooled[l_in][:, :d_in])
         hand = _loop_info_nce(prediction.detach().double(), pooled[l_out][:, :d_out].detach().double(), 0.1)
@@ -132,35 +131,82 @@ def test_pic_by_hand_and_detached_targets(gen):
     assert pooled[2].grad[:, 8:].abs().sum() == 0
 
 
-def test_soft_collapse_by_hand(gen):
-    hidden = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64) * 0.5
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    got = soft_collapse(hidden, mask, [2, 3], tau_corr=0.1, lambda_var=0.7)
-    corr = torch.zeros(5, 5, dtype=torch.float64)
-    for b in range(2):
-        h = hidden[b, mask[b]]
-        z = (h - h.mean(0)) / h.std(0, unbiased=False)
-        corr += z.T @ z / len(h) / 2
-    raw = hidden[mask]
-    std = raw.std(0, unbiased=False)
-    for value, d in zip(got, [2, 3]):
-        block = corr[:d, d:]
-        penalty = (torch.clamp(block.abs() - 0.1, min=0) ** 2).mean()
-        hinge = torch.clamp(1 - std[:d], min=0).mean() + 0.5 * torch.clamp(1 - std[d:], min=0).mean()
-        assert float(value) == pytest.approx(float(penalty + 0.7 * hinge), rel=1e-4)
+def test_mic_stacks_its_layers_into_the_kernels_regularisers(gen):
+    hidden, mask = _sia_inputs(gen, b=4)
+    batch = EncodedBatch(hidden, mask, views=1, pooling="cls")
+    out = MICLoss(16, [4, 8, 16], [1, 2], tau_corr=0.05, lambda_var=0.5, uniformity_t=1.5)(batch)
+    states = torch.stack([hidden[1], hidden[2]])
+    layer_mask = mask.expand(2, *mask.shape)
+    scr = mk.soft_collapse(states, [4, 8], mask=layer_mask, tau_corr=0.05, lambda_var=0.5).mean()
+    sir = mk.spectral_isotropy(pool(states, mask, "mean"), [4, 8], t=1.5).mean()  # MIC always mean-pools
+    assert float(out.parts["mic_scr"]) == pytest.approx(float(scr), rel=1e-12)
+    assert float(out.parts["mic_sir"]) == pytest.approx(float(sir), rel=1e-12)
+    assert float(out.loss) == pytest.approx(float(scr + sir), rel=1e-12)
 
 
-def test_spectral_isotropy_by_hand(gen):
-    z = torch.randn(6, 5, generator=gen, dtype=torch.float64)
-    got = spectral_isotropy(z, [2, 5], t=2.0)
-    for value, d in zip(got, [2, 5]):
-        p = z[:, :d]
-        var = p.var(0, unbiased=False)
-        cv = float(var.std(unbiased=False) / var.mean())
-        terms = [math.exp(-4 * (1 - float(F.cosine_similarity(p[i], p[j], dim=0))))
-                 for i in range(6) for j in range(6) if i != j]
-        uniformity = math.log(sum(terms) / len(terms))
-        assert float(value) == pytest.approx(0.5 * (cv + uniformity), rel=1e-4)
+def test_weighted_sum_evaluates_nested_formulas_as_written():
+    parts = {name: torch.tensor(value, dtype=torch.float64) for name, value in
+             {"a": 1.5, "b": -2.0, "c": 0.25, "d": 3.0}.items()}
+    formula = [(0.4, "a"), (0.6, [(0.5, "b"), (2.0, "c")]), (1.0, "d")]
+    assert float(weighted_sum(formula, parts)) == 0.4 * 1.5 + 0.6 * (0.5 * -2.0 + 2.0 * 0.25) + 3.0
+    with pytest.raises(ValueError, match="at least one term"):
+        weighted_sum([], parts)
+
+
+def test_every_term_runs_alone_on_an_encoded_batch(gen):
+    hidden, mask = _sia_inputs(gen, b=4)
+    states = [torch.cat([h, h + 0.1 * torch.randn(h.shape, generator=gen, dtype=h.dtype)]).requires_grad_()
+              for h in hidden]
+    pairs = EncodedBatch(states, torch.cat([mask, mask]), views=2, pooling="mean")
+    terms = [
+        MRLLoss([4, 8, 16], 0.1, weights=[1.0, 0.5, 2.0]),
+        SIALoss(16, [4, 8, 16], [1, 2], k_min=2),
+        PICLoss([[4, 1], [16, 2]], 0.1),
+        ESELoss([4, 8, 16], [1, 2], 0.1),
+        MICLoss(16, [4, 8, 16], [2]),
+    ]
+    for term in terms:
+        out = term(pairs)
+        assert out.parts and all(v.requires_grad for v in out.parts.values())
+        assert float(out.loss.detach()) == pytest.approx(float(sum(out.parts.values()).detach()), rel=1e-12)
+        config = term.get_config_dict()
+        assert config and all(isinstance(k, str) for k in config)
+        assert "@" in term.citation and "title" in term.citation
+    mrl = terms[0](pairs)
+    per_width = [mrl.details[f"mrl@{d}"] for d in (4, 8, 16)]
+    expected = per_width[0] + 0.5 * per_width[1] + 2.0 * per_width[2]
+    assert float(mrl.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    # The attention half alone builds lifts; the CKA half alone builds none.
+    cka_only = SIALoss(16, [4, 8, 16], [1, 2], attention=False, k_min=2)
+    assert cka_only.lifts is None and list(cka_only.parameters()) == []
+    assert set(cka_only(pairs).parts) == {"sia_cka"}
+    assert set(SIALoss(16, [4, 16], [1], cka=False)(pairs).parts) == {"sia_attention"}
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda h, m: MRLLoss([4, 8])(EncodedBatch(h, m, views=1)), "MRLLoss needs 2 or 3 views"),
+        (lambda h, m: ESELoss([4, 8], [1])(EncodedBatch(h, m, views=1)), "ESELoss needs 2 or 3 views"),
+        (lambda h, m: EncodedBatch(h, m, pooling="max"), "pooling must be one of"),
+        (lambda h, m: EncodedBatch(h, m.long()), "mask must be a (views * B, T) bool tensor"),
+        (lambda h, m: EncodedBatch(h, m, views=2), "views must be 1, 2 or 3 and divide the 3 rows"),
+        (lambda h, m: EncodedBatch([x[:, :5] for x in h], m), "hidden[0] must have shape (3, 9) + (D,)"),
+        (lambda h, m: MRLLoss([8, 4]), "dims must be strictly increasing"),
+        (lambda h, m: MRLLoss([4, 8], weights=[1.0]), "weights must be 2 non-negative numbers"),
+        (lambda h, m: PICLoss([[8, 1], [4, 2]]), "chain must be at least 2 [width, layer] links"),
+        (lambda h, m: PICLoss([[4, 2], [8, 1]]), "layers not going back"),
+        (lambda h, m: SIALoss(16, [4, 16], [1], attention=False, cka=False), "switch on attention, cka or both"),
+        (lambda h, m: SIALoss(16, [4, 16], [1], ranking="random"), "ranking must be one of"),
+        (lambda h, m: MICLoss(16, [16], [1]), "dims must hold a width below the hidden size 16"),
+        (lambda h, m: ESELoss([4, 8], []), "layers must list at least one layer"),
+    ],
+)
+def test_terms_reject_bad_arguments(gen, build, message):
+    hidden, mask = _sia_inputs(gen)
+    with pytest.raises(ValueError) as info:
+        build(hidden, mask)
+    assert message in str(info.value)
 
 
 def test_query_positions_and_last_token_pooling():
@@ -249,3 +295,28 @@ def test_decoder_pools_and_attends_from_the_last_real_token(tmp_path):
     pooled = encoder.pool(enc.hidden[-1], enc.mask)
     last = enc.mask.sum(-1) - 1  # right padding here
     assert torch.equal(pooled[0], enc.hidden[-1][0, last[0]])
+
+
+def test_tiny_model_tokenizer_knows_its_words(tiny_bert):
+    encoder = Encoder.from_pretrained(tiny_bert, max_length=16)
+    ids = encoder.tokenize(["a man is playing a guitar"])["input_ids"][0].tolist()
+    assert encoder.tokenizer.unk_token_id not in ids and len(ids) == 8  # [CLS] 6 words [SEP]
+
+
+def test_terms_trace_without_graph_breaks(gen):
+    # Every term but SIA's CKA half (mipic_kernels' eager CKA still reads sizes on the host).
+    hidden = [torch.randn(8, 9, 16, generator=gen).requires_grad_() for _ in range(3)]
+    mask = torch.ones(8, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[5, 4:] = False
+    terms = [MRLLoss([4, 8, 16], 0.1), SIALoss(16, [4, 8, 16], [1, 2], cka=False), PICLoss([[4, 1], [16, 2]]),
+             ESELoss([4, 16], [1, 2]), MICLoss(16, [4, 8, 16], [2])]
+
+    def total(hidden, mask):
+        batch = EncodedBatch(hidden, mask, views=2, pooling="mean")
+        return torch.stack([term(batch).loss for term in terms]).sum()
+
+    compiled = torch.compile(total, fullgraph=True, backend="aot_eager")(hidden, mask)
+    compiled.backward()
+    assert float(compiled.detach()) == pytest.approx(float(total(hidden, mask).detach()), rel=1e-6)
+    assert all(h.grad is not None for h in hidden[1:])

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mipic_kernels as mk
+from mipic_kernels import selection
 from tests.seeding import generator
 
 OPTIONS = [
@@ -80,6 +82,43 @@ def test_selection_equals_selecting_by_hand(opts):
         rows = torch.tensor(ranked[:count])
         want = mk.cka(x[rows, :width], x[rows], **opts)
         torch.testing.assert_close(got[i], want, **TOL)
+
+
+@pytest.mark.parametrize(
+    "k, k_min",
+    [(None, 1), (5, 2), (60, 3), ([0.14, 0.3, 1.0], 4), ([0.5, 7], 30), ([1e-12, 2], 1), ([0.01, 0.02], 1)],
+    ids=str,
+)
+def test_gram_edge_is_the_largest_count_any_example_can_get(k, k_min):
+    # Every real-token count m in [0, T]: the edge bounds every k_i and m = T reaches it.
+    tokens = 50
+    widths = len(k) if isinstance(k, list) else 3
+    counts = selection.resolve_k(k, k_min, torch.arange(tokens + 1), widths)
+    assert int(counts.max()) == selection.gram_edge(k, k_min, tokens)
+
+
+class _LargestFloat32Output(TorchDispatchMode):
+    """The most elements of any float32 tensor an operator returns while active."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_cls_scores_of_half_precision_never_copy_all_of_x_to_float32(monkeypatch):
+    # The torch path converts a few examples at a time (here 3 of 12).
+    x = torch.randn(12, 30, 20, generator=generator(13)).to(torch.bfloat16)
+    monkeypatch.setattr(selection, "_SCORE_CHUNK_ELEMENTS", 3 * 30 * 20)
+    with _LargestFloat32Output() as seen:
+        scores = selection.cls_scores(x)
+    assert 0 < seen.largest <= 3 * 30 * 20
+    x64 = x.double()
+    torch.testing.assert_close(scores, ((x64[:, :1] * x64).sum(-1) / 20**0.5).float())
 
 
 def test_cls_scores_rank_by_attention_to_the_first_token():

@@ -19,6 +19,7 @@ interpreter truncates fp32 -> bfloat16 where the GPU rounds to nearest, so 2^-8,
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -37,8 +38,10 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 import mipic_kernels as mk  # noqa: E402
-from mipic_kernels.triton import launch  # noqa: E402
+from mipic_kernels import fused, selection  # noqa: E402
+from mipic_kernels.fused import nested_cka_op  # noqa: E402
 from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
+from tests.host_sync import HostSyncRecorder  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
 
 OPTIONS = [
@@ -178,7 +181,7 @@ def test_no_gradient_work_without_grad(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("backward kernels ran")
 
-    monkeypatch.setattr(launch, "nested_backward", fail)
+    monkeypatch.setattr(nested_cka_op, "backward", fail)
     x = _states(2, 9, 12, seed=60).to(DEVICE)
     with torch.no_grad():
         out = mk.nested_cka(x.requires_grad_(), (4, 12), backend="triton")
@@ -203,6 +206,174 @@ def test_torch_compile_fullgraph_matches_eager():
     value, (grad,) = _run(compiled, [x], 0)
     torch.testing.assert_close(value, eager_value)
     torch.testing.assert_close(grad, eager_grad)
+
+
+def _training_calls(x, y, mask, scores, loss_fn):
+    """Forward and backward of every fused operation, on every path that reaches one."""
+    # One example for the RBF median kernel: the interpreter runs it slowly.
+    value = mk.nested_cka(x[:1], (4, 12), k=[0.5, 6], k_min=2, scores="cls", mask=mask[:1],
+                          kernel="rbf", detach_full=False, backend="triton")
+    value.backward(torch.ones_like(value))
+    mk.cka(x, y, mask=mask, unbiased=True, backend="triton").sum().backward()
+    loss_fn(x, scores=scores, mask=mask).backward()
+
+
+def test_fused_operations_never_wait_for_the_device():
+    x = _states(2, 11, 12, seed=130).to(DEVICE).requires_grad_()
+    y = _states(2, 11, 5, seed=131).to(DEVICE).requires_grad_()
+    mask = _mask((2,), 11, seed=132).to(DEVICE)
+    scores = torch.randn(2, 11, generator=generator(133)).to(DEVICE)
+    loss_fn = mk.NestedCKALoss((3, 12), k=4, backend="triton").to(DEVICE)
+    # The first call with new widths uploads their segment bounds to the device once
+    # (a CUDA graph capture needs such a warm-up call too).
+    with torch.no_grad():
+        mk.nested_cka(x, (4, 12), backend="triton")
+        mk.nested_cka(x, (3, 12), backend="triton")
+        mk.cka(x, y, backend="triton")
+    with HostSyncRecorder() as recorder:
+        _training_calls(x, y, mask, scores, loss_fn)
+    assert recorder.events == []
+
+
+_INJECTED_SYNCS = {
+    "item": lambda t: t.max().item(),
+    "bool": lambda t: bool((t > 0).all()),
+    "int": lambda t: int(t.max()),
+    "tolist": lambda t: t.tolist(),
+    "host data": lambda t: torch.tensor([1, 2], device=t.device),
+    "boolean mask": lambda t: t[t > 1],
+}
+
+
+@pytest.mark.parametrize("where", ["api", "op"])
+@pytest.mark.parametrize("sync", _INJECTED_SYNCS)
+def test_host_sync_recorder_catches_an_injected_sync(monkeypatch, sync, where):
+    # The recorder must see a sync in the argument handling and inside a custom op.
+    if where == "api":
+        module, name, expected = selection, "resolve_k", "mipic_kernels/api.py"
+    else:
+        module, name, expected = nested_cka_op, "nested_grams", "mipic_kernels/fused/nested_cka_op.py"
+    original = getattr(module, name)
+
+    def with_sync(*args, **kwargs):
+        counts = args[2]  # resolve_k's counts, nested_grams' kmax: (B,) int64
+        _INJECTED_SYNCS[sync](counts)
+        return original(*args, **kwargs)
+
+    x = _states(2, 7, 6, seed=140).to(DEVICE)
+    mk.nested_cka(x, (3, 6), backend="triton")  # warm-up: uploads the segment bounds
+    monkeypatch.setattr(module, name, with_sync)
+    with HostSyncRecorder() as recorder:
+        mk.nested_cka(x, (3, 6), backend="triton")
+    assert recorder.events, "the injected sync was not seen"
+    assert all(where.startswith(expected) for _, where in recorder.events), recorder.events
+
+
+def _ranking_mask(batch: int, t: int, seed: int) -> torch.Tensor:
+    """Padding anywhere (position 0 included), one example with 3 real tokens and one
+    with none."""
+    mask = torch.rand(batch, t, generator=generator(seed)) < 0.7
+    mask[-2] = False
+    mask[-2, [4, 9, 30]] = True
+    mask[-1] = False
+    return mask
+
+
+def _want_order(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Real tokens by descending score, ties to the lower position, then padding."""
+    rows = []
+    for s, m in zip(scores.tolist(), mask.tolist()):
+        real = sorted((j for j in range(len(s)) if m[j]), key=lambda j: (-s[j], j))
+        rows.append(real + [j for j in range(len(s)) if not m[j]])
+    return torch.tensor(rows)
+
+
+def test_both_backends_rank_cls_with_the_kernel_where_it_runs(monkeypatch):
+    calls = []
+    original = fused.cls_order
+
+    def spy(x, mask):
+        calls.append(x.dtype)
+        return original(x, mask)
+
+    monkeypatch.setattr(fused, "cls_order", spy)
+    x = _states(2, 9, 8, seed=170).to(DEVICE)
+    for backend in ("torch", "triton"):
+        mk.nested_cka(x, (4, 8), k=5, scores="cls", backend=backend)
+    mk.nested_cka(x.double(), (4, 8), k=5, scores="cls", backend="torch")  # float64: torch scores
+    assert calls == [torch.float32, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cls_ranking_kernel_is_exact_where_the_scores_are(dtype):
+    # Small integer features: every product and sum is exact in float32 (and in
+    # float64), so the kernel must give exactly the float64 ranking, ties included:
+    # duplicated tokens, zero tokens (score 0), a copy of the query. T = 45 spans
+    # two score blocks; D = 37 is not a multiple of the column block.
+    batch, t, d = 5, 45, 37
+    x = torch.randint(-3, 4, (batch, t, d), generator=generator(150)).to(torch.float64)
+    x[:, 11] = x[:, 2]
+    x[:, 20] = x[:, 2]
+    x[:, [7, 33]] = 0.0
+    x[:, 40] = x[:, 0]
+    mask = _ranking_mask(batch, t, seed=151)
+    scores = (x[:, :1] * x).sum(-1) / d**0.5
+    assert (scores[:, 11] == scores[:, 2]).all() and (scores[:, 7] == 0).all()
+    got = fused.cls_order(x.to(dtype).to(DEVICE), mask.to(DEVICE))
+    assert torch.equal(got.cpu(), _want_order(scores, mask))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf and NaN
+def test_cls_ranking_kernel_orders_non_finite_scores_like_torch_sort():
+    # The fused path does not check x, so non-finite scores must still give a
+    # permutation: NaN of either sign first (as torch.sort), then +inf, ..., -inf.
+    t, d = 13, 6
+    x = torch.randint(1, 4, (2, t, d), generator=generator(155)).float()
+    x[0, 5, 3] = -math.nan
+    x[0, 8, 2] = math.nan
+    x[0, 9, 0] = math.inf
+    x[1, 6, 2] = -math.inf
+    mask = torch.ones(2, t, dtype=torch.bool)
+    mask[0, 2] = False
+    scores = (x[:, :1].double() * x.double()).sum(-1) / d**0.5
+    want = torch.sort(torch.where(mask, scores, -math.inf), dim=-1, descending=True, stable=True).indices
+    assert want[0, :3].tolist() == [5, 8, 9] and want[1, -1] == 6
+    got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE)).cpu()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cls_ranking_kernel_within_float32_rounding_of_float64(dtype):
+    # Real-valued features with a common offset: the kernel's float32 scores differ
+    # from the exact ones by at most err_j = gamma_D sum_d |x_0d x_jd| / sqrt(D) + the
+    # rounding of the division (gamma_D = D u / (1 - D u), u = 2^-24: any summation
+    # order). So two tokens may come in either order exactly when their exact scores
+    # are within err_i + err_j of each other; any other pair must be in descending
+    # order. Exact duplicates have equal float32 scores and keep position order.
+    batch, t, d = 4, 45, 70
+    x = (_states(batch, t, d, seed=160, offset=2.0)).to(dtype)
+    x[:, 17] = x[:, 5]
+    x[:, 37] = x[:, 5]
+    mask = _ranking_mask(batch, t, seed=161)
+    got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE)).cpu()
+    x64 = x.double()
+    scores = (x64[:, :1] * x64).sum(-1) / d**0.5
+    u = 2.0**-24
+    err = d * u / (1 - d * u) * (x64[:, :1] * x64).abs().sum(-1) / d**0.5 + 2 * u * scores.abs()
+    for b in range(batch):
+        order = got[b]
+        real = int(mask[b].sum())
+        assert sorted(order.tolist()) == list(range(t)), "not a permutation"
+        assert order[real:].tolist() == torch.nonzero(~mask[b]).flatten().tolist(), "padding"
+        ranked = order[:real]
+        assert mask[b, ranked].all()
+        s, e = scores[b, ranked], err[b, ranked]
+        # Every pair (i ranked before j): s_i >= s_j - (err_i + err_j).
+        slack = s[:, None] - s[None, :] + e[:, None] + e[None, :]
+        assert (slack.triu(1) >= 0).all(), "an order beyond rounding"
+        for twin in (17, 37):  # in the same block of tokens as 5, and in another
+            if mask[b, 5] and mask[b, twin]:
+                assert (ranked == 5).nonzero() < (ranked == twin).nonzero(), "exact tie not in position order"
 
 
 def test_leading_dims_and_empty_batch():

@@ -1,63 +1,70 @@
-"""MIC regularisers: soft collapse (SCR) and spectral isotropy (SIR), per truncated width.
+"""MIC: soft collapse (SCR) and spectral isotropy (SIR) at every truncated width.
 
-SCR at width ``d``: features standardised over each example's real tokens; the token
-cross-correlation ``C`` (averaged over tokens, then examples) is computed once as a D x D
-matrix and every width reads its block ``C[:d, d:]``; penalty
-``mean(relu(|C| - tau_corr)^2) + lambda_var * (mean(relu(1 - std_prefix)) +
-0.5 * mean(relu(1 - std_residual)))`` where ``std`` is each raw feature's standard
-deviation over all real tokens of the batch (a VICReg-style variance hinge: after the
-standardisation every per-example std is 1, so the sources' "std" must be the raw one).
-
-SIR at width ``d`` on the mask-mean-pooled prefix ``Z (B, d)``: the coefficient of
-variation of the per-feature variances and the uniformity
-``log mean_{i != j} exp(-2 t (1 - cos(z_i, z_j)))``; ``L_SIR`` is their mean.
+The regularisers themselves live in :mod:`mipic_kernels.mic` (every width from one
+correlation matrix, and from nested sample Grams); this term picks the layers, stacks
+them into one call each and mean-pools the anchors for SIR, as MIC does.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-_EPS = 1e-6
+from mipic_kernels import SoftCollapseLoss, SpectralIsotropyLoss
 
-
-def soft_collapse(
-    hidden: torch.Tensor, mask: torch.Tensor, dims: Sequence[int], tau_corr: float, lambda_var: float
-) -> torch.Tensor:
-    """SCR per width ``(len(dims),)`` from ``hidden (B, T, D)`` and ``mask (B, T)``."""
-    h = hidden.float()
-    m = mask.to(h.dtype)[..., None]
-    count = m.sum(1, keepdim=True).clamp(min=1)  # (B, 1, 1)
-    mean = (h * m).sum(1, keepdim=True) / count
-    centred = (h - mean) * m
-    std = (centred.pow(2).sum(1, keepdim=True) / count + _EPS).sqrt()
-    z = centred / std / count.sqrt()  # sum over tokens of z_u z_v is the per-example mean
-    corr = torch.einsum("btu,btv->uv", z, z) / h.shape[0]
-    raw = h[mask]  # (N, D) every real token of the batch
-    raw_std = (raw.var(0, unbiased=False) + _EPS).sqrt()
-    out = []
-    for d in dims:
-        block = corr[:d, d:]
-        penalty = F.relu(block.abs() - tau_corr).pow(2).mean()
-        hinge = F.relu(1 - raw_std[:d]).mean() + 0.5 * F.relu(1 - raw_std[d:]).mean()
-        out.append(penalty + lambda_var * hinge)
-    return torch.stack(out)
+from . import citations
+from .terms import EncodedBatch, TermOutput
 
 
-def spectral_isotropy(pooled: torch.Tensor, dims: Sequence[int], t: float) -> torch.Tensor:
-    """SIR per width ``(len(dims),)`` from mean-pooled embeddings ``pooled (B, D)``."""
-    z = pooled.float()
-    n = z.shape[0]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    out = []
-    for d in dims:
-        prefix = z[:, :d]
-        var = prefix.var(0, unbiased=False)
-        cv = var.std(unbiased=False) / (var.mean() + _EPS)
-        unit = F.normalize(prefix, dim=-1)
-        cos = (unit @ unit.T)[off_diagonal]
-        uniformity = torch.logsumexp(-2 * t * (1 - cos), dim=0) - torch.log(torch.tensor(float(cos.numel())))
-        out.append(0.5 * (cv + uniformity))
-    return torch.stack(out)
+class MICLoss(nn.Module):
+    """``SCR + SIR``, each the mean over ``layers`` and the widths below ``hidden_size``.
+
+    Args:
+        hidden_size: the full width ``D``; widths of ``dims`` below it are regularised.
+        dims: strictly increasing Matryoshka widths (at least one below ``hidden_size``).
+        layers: layer numbers (1 = the first transformer layer).
+        tau_corr: prefix-residual correlations up to this magnitude cost nothing.
+        lambda_var: weight of SCR's variance hinge.
+        uniformity_t: SIR's uniformity temperature.
+
+    Parts: ``mic_scr`` and ``mic_sir``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        dims: Sequence[int],
+        layers: Sequence[int],
+        *,
+        tau_corr: float = 0.1,
+        lambda_var: float = 1.0,
+        uniformity_t: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("layers must list at least one layer")
+        self.hidden_size = hidden_size
+        self.dims = tuple(dims)
+        self.layers = tuple(layers)
+        truncated = [d for d in dims if d < hidden_size]
+        if not truncated:
+            raise ValueError(f"dims must hold a width below the hidden size {hidden_size}; got {list(dims)!r}")
+        self.scr = SoftCollapseLoss(truncated, tau_corr=tau_corr, lambda_var=lambda_var)
+        self.sir = SpectralIsotropyLoss(truncated, t=uniformity_t)
+
+    def forward(self, batch: EncodedBatch) -> TermOutput:
+        states = torch.stack([batch.anchor_states(l) for l in self.layers])  # (L, B, T, D)
+        mask = batch.anchor_mask.expand(len(self.layers), *batch.anchor_mask.shape)
+        pooled = torch.stack([batch.anchor_pooled(l, "mean") for l in self.layers])  # (L, B, D)
+        parts = {"mic_scr": self.scr(states, mask), "mic_sir": self.sir(pooled)}
+        return TermOutput(parts["mic_scr"] + parts["mic_sir"], parts, {})
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size, "dims": list(self.dims), "layers": list(self.layers),
+                "tau_corr": self.scr.tau_corr, "lambda_var": self.scr.lambda_var, "uniformity_t": self.sir.t}
+
+    @property
+    def citation(self) -> str:
+        return citations.MIC

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import citations
+from .terms import EncodedBatch, TermOutput
 
 
 def info_nce(
@@ -21,19 +24,64 @@ def info_nce(
     return F.cross_entropy(logits, labels)
 
 
+def matryoshka_info_nce(
+    dims: Sequence[int],
+    temperature: float,
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`info_nce` of the prefixes ``[..., :d]`` for every width, ``(len(dims),)``."""
+    return torch.stack([
+        info_nce(anchor[:, :d], positive[:, :d], temperature, None if negative is None else negative[:, :d])
+        for d in dims
+    ])
+
+
 class MRLLoss(nn.Module):
-    """InfoNCE per width on prefixes ``[..., :d]``; :meth:`forward` returns ``(W,)``."""
+    """Matryoshka InfoNCE of the last layer's pooled embeddings: ``sum_d w_d InfoNCE_d``.
 
-    def __init__(self, dims: Sequence[int], temperature: float) -> None:
+    Needs 2 or 3 views (anchor, positive or second dropout view, optional hard
+    negative); the in-batch positives (and negatives) are the candidates.
+
+    Args:
+        dims: strictly increasing widths.
+        temperature: the InfoNCE temperature.
+        weights: one weight per width (default 1 each).
+
+    Parts: ``mrl``; details: ``mrl@<width>`` (unweighted InfoNCE per width).
+    """
+
+    def __init__(self, dims: Sequence[int], temperature: float = 0.05, weights: Optional[Sequence[float]] = None) -> None:
         super().__init__()
-        self.dims = tuple(dims)
+        self.dims = tuple(int(d) for d in dims)
+        if not self.dims or any(b <= a for a, b in zip(self.dims, self.dims[1:])) or self.dims[0] < 1:
+            raise ValueError(f"dims must be strictly increasing ints >= 1; got {list(dims)!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {temperature!r}")
+        weights = [1.0] * len(self.dims) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.dims) or any(not w >= 0 for w in weights):
+            raise ValueError(f"weights must be {len(self.dims)} non-negative numbers, one per width; got {weights!r}")
         self.temperature = temperature
+        self.register_buffer("weights", torch.tensor(weights), persistent=False)
 
-    def forward(
+    def per_width(
         self, anchor: torch.Tensor, positive: torch.Tensor, negative: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        return torch.stack([
-            info_nce(anchor[:, :d], positive[:, :d], self.temperature,
-                     None if negative is None else negative[:, :d])
-            for d in self.dims
-        ])
+        """Unweighted InfoNCE per width ``(len(dims),)`` of pooled ``(B, D)`` embeddings."""
+        return matryoshka_info_nce(self.dims, self.temperature, anchor, positive, negative)
+
+    def forward(self, batch: EncodedBatch) -> TermOutput:
+        if batch.views < 2:
+            raise ValueError("MRLLoss needs 2 or 3 views (anchor, positive[, negative]); the batch has 1")
+        views = batch.view_pooled(batch.num_layers)
+        per_width = self.per_width(*views)
+        loss = (per_width * self.weights).sum()
+        return TermOutput(loss, {"mrl": loss}, {f"mrl@{d}": v for d, v in zip(self.dims, per_width)})
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"dims": list(self.dims), "temperature": self.temperature, "weights": self.weights.tolist()}
+
+    @property
+    def citation(self) -> str:
+        return citations.MRL

@@ -7,19 +7,41 @@ detached ``z_{i+1}`` of the same sentence among the batch (InfoNCE).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from . import citations
 from .mrl import info_nce
+from .terms import EncodedBatch, TermOutput
+
+AGGREGATIONS = ("mean", "sum")
 
 
 class PICLoss(nn.Module):
-    def __init__(self, chain: Sequence[Sequence[int]], temperature: float) -> None:
+    """Progressive information chaining over the anchors' pooled prefixes.
+
+    Args:
+        chain: ``[(width, layer), ...]``, at least 2 links, widths strictly growing and
+            layers not going back.
+        temperature: the InfoNCE temperature.
+        aggregation: ``"mean"`` or ``"sum"`` over the links.
+
+    Parts: ``pic``.
+    """
+
+    def __init__(self, chain: Sequence[Sequence[int]], temperature: float = 0.05, aggregation: str = "mean") -> None:
         super().__init__()
         self.chain = tuple((int(w), int(l)) for w, l in chain)
+        if len(self.chain) < 2 or any(w < 1 or l < 1 for w, l in self.chain) or any(
+                b[0] <= a[0] or b[1] < a[1] for a, b in zip(self.chain, self.chain[1:])):
+            raise ValueError(f"chain must be at least 2 [width, layer] links (ints >= 1), widths strictly growing "
+                             f"and layers not going back; got {[list(c) for c in self.chain]}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
         self.temperature = temperature
+        self.aggregation = aggregation
         self.heads = nn.ModuleList()
         for (d_in, _), (d_out, _) in zip(self.chain, self.chain[1:]):
             width = max(max(d_in, d_out) // 2, 1)
@@ -29,7 +51,7 @@ class PICLoss(nn.Module):
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted({l for _, l in self.chain}))
 
-    def forward(self, pooled: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    def links(self, pooled: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """Per-link losses ``(len(chain) - 1,)`` from pooled states ``{layer: (B, D)}``."""
         losses = []
         for head, (d_in, l_in), (d_out, l_out) in zip(self.heads, self.chain, self.chain[1:]):
@@ -37,3 +59,16 @@ class PICLoss(nn.Module):
             target = pooled[l_out][:, :d_out].float().detach()
             losses.append(info_nce(head(source), target, self.temperature))
         return torch.stack(losses)
+
+    def forward(self, batch: EncodedBatch) -> TermOutput:
+        links = self.links({l: batch.anchor_pooled(l) for l in self.layers})
+        loss = links.sum() if self.aggregation == "sum" else links.mean()
+        return TermOutput(loss, {"pic": loss}, {})
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"chain": [list(c) for c in self.chain], "temperature": self.temperature,
+                "aggregation": self.aggregation}
+
+    @property
+    def citation(self) -> str:
+        return citations.MIPIC

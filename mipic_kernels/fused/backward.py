@@ -1,7 +1,7 @@
 """Backward pass: per-width coefficient matrices, then one sweep over the columns.
 
 For ``rho = a / sqrt(b c)`` with ``a = HSIC(K, L)``, ``b = HSIC(K, K)``,
-``c = HSIC(L, L)`` and ``P(.)`` the centring of :func:`stats.centred_tile`,
+``c = HSIC(L, L)`` and ``P(.)`` the centring of :func:`.tl_utils.centred_tile`,
 ``d rho / dK = (P(L) - (a / b) P(K)) / sqrt(b c)`` and symmetrically for ``L``.
 A Gram ``G = Z Z^T`` with gradient ``E`` (symmetric) passes ``dZ = 2 E Z``:
 linear ``2 E = 2 dK``; RBF ``2 E = 4 (diag(V 1) - V)`` with
@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import _load_shifted
-from .stats import NUM_WARPS, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, ROW, centred_tile, load_kernel_tile, row_block
+from .gram import device_bounds
+from .stats import B, C, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, row_block
+from .tl_utils import centred_tile, load_kernel_tile, load_shifted
 
 
 @triton.jit
@@ -36,20 +37,20 @@ def _gram_grad(dk, k, bw, rows, cols, valid, RBF: tl.constexpr):
 
 @triton.jit
 def _kernel_grads(
-    gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, row_ok, col_ok, sqx_c, sqy_c,
-    bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF: tl.constexpr, UNBIASED: tl.constexpr,
+    gx, gy, stride_gxi, stride_gxj, stride_gyi, stride_gyj, rs, stride_rss, rows, cols, row_ok, col_ok,
+    sqx_c, sqy_c, bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF: tl.constexpr, UNBIASED: tl.constexpr,
 ):
     """Kernel tiles ``K``, ``L`` and the unprojected gradients ``dK``, ``dL`` of a row block."""
     valid = row_ok[:, None] & col_ok[None, :]
-    _, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, sqx_c, bwx, RBF, UNBIASED)
-    _, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, sqy_c, bwy, RBF, UNBIASED)
+    _, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, sqx_c, bwx, RBF, UNBIASED)
+    _, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, sqy_c, bwy, RBF, UNBIASED)
     px = centred_tile(
         kx, tl.load(rs + rows, mask=row_ok, other=0.0), tl.load(rs + cols, mask=col_ok, other=0.0),
         t_x, nf, rows, cols, valid, UNBIASED,
     )
     py = centred_tile(
-        ky, tl.load(rs + srs + rows, mask=row_ok, other=0.0),
-        tl.load(rs + srs + cols, mask=col_ok, other=0.0), t_y, nf, rows, cols, valid, UNBIASED,
+        ky, tl.load(rs + stride_rss + rows, mask=row_ok, other=0.0),
+        tl.load(rs + stride_rss + cols, mask=col_ok, other=0.0), t_y, nf, rows, cols, valid, UNBIASED,
     )
     return kx, ky, scale * (py - ratio_x * px), scale * (px - ratio_y * py)
 
@@ -57,7 +58,8 @@ def _kernel_grads(
 @triton.jit
 def _coef_kernel(
     gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, ex_ptr, ey_ptr,
-    W, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs, seb, sew, sei, sej,
+    W, stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    stride_rsb, stride_rsw, stride_rss, stride_eb, stride_ew, stride_ei, stride_ej,
     RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
     KP: tl.constexpr, BM: tl.constexpr,
 ):
@@ -87,13 +89,13 @@ def _coef_kernel(
         t_y = tl.load(stats_ptr + entry * ROW + COL_TOTAL_Y)
         bwx = tl.load(bw_ptr + entry * 2)
         bwy = tl.load(bw_ptr + entry * 2 + 1)
-        gx = gx_ptr + b * sxb + w * sxw
-        gy = gy_ptr + b * syb + w * syw
-        rs = rs_ptr + b * srb + w * srw
+        gx = gx_ptr + b * stride_gxb + w * stride_gxw
+        gy = gy_ptr + b * stride_gyb + w * stride_gyw
+        rs = rs_ptr + b * stride_rsb + w * stride_rsw
         cols = tl.arange(0, KP)
         col_ok = cols < n
-        sqx_c = tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0)
-        sqy_c = tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0)
+        sqx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
+        sqy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
 
         # Pass 1: column sums of dK and dL.
         col_k = tl.zeros([KP], dtype=tl.float32)
@@ -101,8 +103,8 @@ def _coef_kernel(
         for r0 in range(0, n, BM):
             rows = r0 + tl.arange(0, BM)
             _, _, dk, dl = _kernel_grads(
-                gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, rows < n, col_ok, sqx_c, sqy_c,
-                bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
+                gx, gy, stride_gxi, stride_gxj, stride_gyi, stride_gyj, rs, stride_rss, rows, cols,
+                rows < n, col_ok, sqx_c, sqy_c, bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
             )
             col_k += tl.sum(dk, axis=0)
             col_l += tl.sum(dl, axis=0)
@@ -115,21 +117,23 @@ def _coef_kernel(
             row_ok = rows < n
             valid = row_ok[:, None] & col_ok[None, :]
             kx, ky, dk, dl = _kernel_grads(
-                gx, gy, sxi, sxj, syi, syj, rs, srs, rows, cols, row_ok, col_ok, sqx_c, sqy_c,
-                bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
+                gx, gy, stride_gxi, stride_gxj, stride_gyi, stride_gyj, rs, stride_rss, rows, cols,
+                row_ok, col_ok, sqx_c, sqy_c, bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
             )
-            offs = rows[:, None] * sei + cols[None, :] * sej
+            offs = rows[:, None] * stride_ei + cols[None, :] * stride_ej
             dk = centred_tile(dk, tl.sum(dk, axis=1), col_k, tot_k, nf, rows, cols, valid, UNBIASED)
-            tl.store(ex_ptr + b * seb + w * sew + offs, _gram_grad(dk, kx, bwx, rows, cols, valid, RBF), mask=valid)
+            e_offs = b * stride_eb + w * stride_ew + offs
+            tl.store(ex_ptr + e_offs, _gram_grad(dk, kx, bwx, rows, cols, valid, RBF), mask=valid)
             if FULL_GRAD:
                 dl = centred_tile(dl, tl.sum(dl, axis=1), col_l, tot_l, nf, rows, cols, valid, UNBIASED)
-                tl.store(ey_ptr + b * seb + w * sew + offs, _gram_grad(dl, ky, bwy, rows, cols, valid, RBF), mask=valid)
+                tl.store(ey_ptr + e_offs, _gram_grad(dl, ky, bwy, rows, cols, valid, RBF), mask=valid)
 
 
 @triton.jit
 def _dx_kernel(
     x_ptr, order_ptr, kmax_ptr, shift_ptr, bounds_ptr, coef_ptr, dx_ptr,
-    D, sxb, sxt, sxd, sob, sot, scb, scs, sci, scj, sdb, sdt, sdd,
+    D, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot, stride_cb, stride_cs, stride_ci, stride_cj,
+    stride_dxb, stride_dxt, stride_dxd,
     N_SEG: tl.constexpr, N_PREFIX: tl.constexpr, FULL_GRAD: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -143,7 +147,7 @@ def _dx_kernel(
     kmax = tl.load(kmax_ptr + b)
     row_ok = rows < kmax
     acc = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
-    coef = coef_ptr + b * scb
+    coef = coef_ptr + b * stride_cb
     for s in tl.static_range(N_SEG):
         if s < N_PREFIX or FULL_GRAD:
             lo = tl.load(bounds_ptr + s)
@@ -154,17 +158,19 @@ def _dx_kernel(
                     js = j0 + tl.arange(0, BK)
                     j_ok = js < kmax
                     tile_ok = row_ok[:, None] & j_ok[None, :]
-                    offs = rows[:, None] * sci + js[None, :] * scj
+                    offs = rows[:, None] * stride_ci + js[None, :] * stride_cj
                     c = tl.zeros([BM, BK], dtype=tl.float32)
                     if s < N_PREFIX:
-                        c += tl.load(coef + s * scs + offs, mask=tile_ok, other=0.0)
+                        c += tl.load(coef + s * stride_cs + offs, mask=tile_ok, other=0.0)
                     if FULL_GRAD:
-                        c += tl.load(coef + N_PREFIX * scs + offs, mask=tile_ok, other=0.0)
-                    pos = tl.load(order_ptr + b * sob + js * sot, mask=j_ok, other=0)
-                    _, z = _load_shifted(x_ptr, b, sxb, sxt, sxd, pos, j_ok, shift_ptr, D, cols, col_ok)
+                        c += tl.load(coef + N_PREFIX * stride_cs + offs, mask=tile_ok, other=0.0)
+                    pos = tl.load(order_ptr + b * stride_ob + js * stride_ot, mask=j_ok, other=0)
+                    _, z = load_shifted(
+                        x_ptr, b, stride_xb, stride_xt, stride_xd, pos, j_ok, shift_ptr, D, cols, col_ok
+                    )
                     acc += tl.dot(c, z, input_precision="ieee")
-    pos_r = tl.load(order_ptr + b * sob + rows * sot, mask=row_ok, other=0)
-    out = dx_ptr + b * sdb + pos_r[:, None] * sdt + cols[None, :] * sdd
+    pos_r = tl.load(order_ptr + b * stride_ob + rows * stride_ot, mask=row_ok, other=0)
+    out = dx_ptr + b * stride_dxb + pos_r[:, None] * stride_dxt + cols[None, :] * stride_dxd
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
 
 
@@ -208,11 +214,17 @@ def input_grad(
     # 64 x 64 output tiles, 16-deep steps over the tokens: no register spills on sm_90.
     bm = min(64, max(16, triton.next_power_of_2(size)))
     block_d = min(64, max(16, triton.next_power_of_2(depth)))
-    bounds_t = torch.tensor(bounds, device=x.device, dtype=torch.int64)
     _dx_kernel[(batch, triton.cdiv(size, bm), triton.cdiv(depth, block_d))](
-        x, order, kmax, shift, bounds_t, coef, dx, depth, *x.stride(), *order.stride(),
+        x, order, kmax, shift, device_bounds(bounds, x.device), coef, dx, depth, *x.stride(), *order.stride(),
         *coef.stride(), *dx.stride(),
         N_SEG=len(bounds) - 1, N_PREFIX=n_prefix, FULL_GRAD=full_grad,
         BM=bm, BK=16, BLOCK_D=block_d, num_warps=8 if bm * block_d >= 4096 else 4,
     )
     return dx
+
+
+def upstream_scale(grad: torch.Tensor, value: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """``grad / sqrt(b c)`` at defined entries, 0 at undefined ones (whatever grad holds)."""
+    defined = torch.isfinite(value)
+    denom = torch.sqrt(torch.where(defined, stats[..., B] * stats[..., C], torch.ones_like(value)))
+    return torch.where(defined, grad.to(torch.float32) / denom, torch.zeros_like(value))

@@ -1,15 +1,19 @@
 """Forward sweep over the feature columns: the shift pre-pass and the nested Gram kernel.
 
 Both kernels read the selected tokens straight from ``x`` through the ranking
-``order``: row ``r`` of an example is ``x[b, order[b, r], :]``; no gathered copy is
-made. Rows at and past the example's widest count ``kmax[b]`` read as zero.
+``order`` (see :mod:`.tl_utils`). Rows at and past the example's widest count
+``kmax[b]`` read as zero.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from .tl_utils import load_shifted
 
 # The Gram tile is BLOCK x BLOCK rows (16 is the smallest tile tl.dot accepts) over
 # BLOCK_D columns per step. The fp32 "ieee" dot runs on FMA units; 32 x 32 x 16 with
@@ -22,7 +26,7 @@ _SHIFT_BLOCK_R = 32
 @triton.jit
 def _shift_kernel(
     x_ptr, order_ptr, kmax_ptr, shift_ptr,
-    D, sxb, sxt, sxd, sob, sot,
+    D, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Column mean of each example's ``kmax`` selected rows (the shift of every Gram)."""
@@ -34,8 +38,8 @@ def _shift_kernel(
     for r0 in range(0, kmax, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < kmax
-        pos = tl.load(order_ptr + b * sob + rows * sot, mask=row_ok, other=0)
-        ptrs = x_ptr + b * sxb + pos[:, None] * sxt + cols[None, :] * sxd
+        pos = tl.load(order_ptr + b * stride_ob + rows * stride_ot, mask=row_ok, other=0)
+        ptrs = x_ptr + b * stride_xb + pos[:, None] * stride_xt + cols[None, :] * stride_xd
         v = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(v, axis=0)
     shift = acc / tl.maximum(kmax, 1).to(tl.float32)
@@ -43,20 +47,10 @@ def _shift_kernel(
 
 
 @triton.jit
-def _load_shifted(x_ptr, b, sxb, sxt, sxd, pos, row_ok, shift_ptr, D, cols, col_ok):
-    """Rows ``pos`` of example ``b`` at ``cols``: (raw fp32, shifted fp32 with zeros outside)."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    raw = tl.load(
-        x_ptr + b * sxb + pos[:, None] * sxt + cols[None, :] * sxd, mask=ok, other=0.0
-    ).to(tl.float32)
-    shift = tl.load(shift_ptr + b * D + cols, mask=col_ok, other=0.0)
-    return raw, tl.where(ok, raw - shift[None, :], 0.0)
-
-
-@triton.jit
 def _gram_kernel(
     x_ptr, order_ptr, kmax_ptr, shift_ptr, bounds_ptr, g_ptr, sq_ptr,
-    D, K, sxb, sxt, sxd, sob, sot, sgb, sgs, sgi, sgj, sqb, sqs,
+    D, K, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot,
+    stride_gb, stride_gs, stride_gi, stride_gj, stride_sqb, stride_sqs,
     N_SEG: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Tile (ti, tj) of the Gram of every nested width in one sweep over the columns.
@@ -76,8 +70,8 @@ def _gram_kernel(
     rj = tj * BLOCK + tl.arange(0, BLOCK)
     ok_i = ri < kmax
     ok_j = rj < kmax
-    pos_i = tl.load(order_ptr + b * sob + ri * sot, mask=ok_i, other=0)
-    pos_j = tl.load(order_ptr + b * sob + rj * sot, mask=ok_j, other=0)
+    pos_i = tl.load(order_ptr + b * stride_ob + ri * stride_ot, mask=ok_i, other=0)
+    pos_j = tl.load(order_ptr + b * stride_ob + rj * stride_ot, mask=ok_j, other=0)
     acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     sq = tl.zeros([BLOCK], dtype=tl.float32)
     store_ok = (ri[:, None] < K) & (rj[None, :] < K)
@@ -87,19 +81,31 @@ def _gram_kernel(
         for d0 in range(lo, hi, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < hi
-            raw_i, z_i = _load_shifted(x_ptr, b, sxb, sxt, sxd, pos_i, ok_i, shift_ptr, D, cols, col_ok)
+            raw_i, z_i = load_shifted(
+                x_ptr, b, stride_xb, stride_xt, stride_xd, pos_i, ok_i, shift_ptr, D, cols, col_ok
+            )
             sq += tl.sum(raw_i * raw_i, axis=1)
             if ti == tj:
                 z_j = z_i
             else:
-                _, z_j = _load_shifted(x_ptr, b, sxb, sxt, sxd, pos_j, ok_j, shift_ptr, D, cols, col_ok)
+                _, z_j = load_shifted(
+                    x_ptr, b, stride_xb, stride_xt, stride_xd, pos_j, ok_j, shift_ptr, D, cols, col_ok
+                )
             acc += tl.dot(z_i, tl.trans(z_j), input_precision="ieee")
-        base = g_ptr + b * sgb + s * sgs
-        tl.store(base + ri[:, None] * sgi + rj[None, :] * sgj, acc, mask=store_ok)
+        base = g_ptr + b * stride_gb + s * stride_gs
+        tl.store(base + ri[:, None] * stride_gi + rj[None, :] * stride_gj, acc, mask=store_ok)
         if ti != tj:
-            tl.store(base + ri[:, None] * sgj + rj[None, :] * sgi, acc, mask=store_ok)
+            tl.store(base + ri[:, None] * stride_gj + rj[None, :] * stride_gi, acc, mask=store_ok)
         else:
-            tl.store(sq_ptr + b * sqb + s * sqs + ri, sq, mask=ri < K)
+            tl.store(sq_ptr + b * stride_sqb + s * stride_sqs + ri, sq, mask=ri < K)
+
+
+@functools.lru_cache(maxsize=None)
+def device_bounds(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The column segment bounds as an int64 tensor on ``device``, made once per
+    (bounds, device): a per-call ``torch.tensor(bounds, device=...)`` would be a
+    host-to-device copy on every call, which a CUDA graph cannot capture."""
+    return torch.tensor(bounds, device=device, dtype=torch.int64)
 
 
 def _gram_block(k_top: int) -> int:
@@ -125,7 +131,6 @@ def nested_grams(
     sq = torch.empty(batch, n_seg, k_top, device=dev, dtype=torch.float32)
     if batch == 0:
         return grams, sq, shift
-    bounds_t = torch.tensor(bounds, device=dev, dtype=torch.int64)
     block_d = min(128, max(16, triton.next_power_of_2(depth)))
     _shift_kernel[(batch, triton.cdiv(depth, block_d))](
         x, order, kmax, shift, depth, *x.stride(), *order.stride(),
@@ -134,7 +139,7 @@ def nested_grams(
     block = _gram_block(k_top)
     tiles = triton.cdiv(k_top, block)
     _gram_kernel[(batch, tiles, tiles)](
-        x, order, kmax, shift, bounds_t, grams, sq,
+        x, order, kmax, shift, device_bounds(bounds, dev), grams, sq,
         depth, k_top, *x.stride(), *order.stride(), *grams.stride(), sq.stride(0), sq.stride(1),
         N_SEG=n_seg, BLOCK=block, BLOCK_D=_GRAM_BLOCK_D, num_warps=4,
     )

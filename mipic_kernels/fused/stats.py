@@ -9,12 +9,14 @@ never written to memory.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..rules import cka_value, defined_entries
+from .tl_utils import centred_tile, distance_tile, load_gram_tile, load_kernel_tile
 
 
 # Elements of one (BM x KP) register tile. With 8 warps the statistics, median and
@@ -40,78 +42,10 @@ def row_block(k_top: int) -> tuple[int, int]:
 
 
 @triton.jit
-def kernel_tile(g, sq_r, sq_c, bw, rows, cols, valid, RBF: tl.constexpr, UNBIASED: tl.constexpr):
-    """Kernel-matrix tile from a Gram tile; zero outside ``valid`` (and on the diagonal
-    for the unbiased estimator)."""
-    if RBF:
-        k = tl.exp(-distance_tile(g, sq_r, sq_c, rows, cols) / (2.0 * bw))
-    else:
-        k = g
-    if UNBIASED:
-        k = tl.where(rows[:, None] == cols[None, :], 0.0, k)
-    return tl.where(valid, k, 0.0)
-
-
-@triton.jit
-def distance_tile(g, sq_r, sq_c, rows, cols):
-    """Squared distances from a Gram tile and the Gram's diagonal at its rows and
-    columns; clamped at 0 (rounding) and exactly 0 on the diagonal."""
-    dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * g, 0.0)
-    return tl.where(rows[:, None] == cols[None, :], 0.0, dist)
-
-
-@triton.jit
-def load_gram_tile(g, si, sj, rows, cols, row_ok, col_ok):
-    """(Gram tile, Gram diagonal at ``rows``) of the Gram at ``g`` (strides ``si``, ``sj``),
-    zero outside ``row_ok`` x ``col_ok``."""
-    valid = row_ok[:, None] & col_ok[None, :]
-    gram = tl.load(g + rows[:, None] * si + cols[None, :] * sj, mask=valid, other=0.0)
-    return gram, tl.load(g + rows * (si + sj), mask=row_ok, other=0.0)
-
-
-@triton.jit
-def load_kernel_tile(g, si, sj, rows, cols, row_ok, col_ok, sq_c, bw, RBF: tl.constexpr, UNBIASED: tl.constexpr):
-    """(Gram tile, kernel tile) of rows ``rows`` x columns ``cols`` of the Gram at ``g``
-    (strides ``si``, ``sj``); ``sq_c`` is the Gram's diagonal at ``cols``."""
-    gram, sq_r = load_gram_tile(g, si, sj, rows, cols, row_ok, col_ok)
-    valid = row_ok[:, None] & col_ok[None, :]
-    return gram, kernel_tile(gram, sq_r, sq_c, bw, rows, cols, valid, RBF, UNBIASED)
-
-
-@triton.jit
-def centred_tile(k, r_rows, r_cols, total, n, rows, cols, valid, UNBIASED: tl.constexpr):
-    """Biased: the double-centred ``HKH``; unbiased: the U-centred
-    ``U(K) = K~ + S/((n-1)(n-2)) - (r_i + r_j)/(n-2)`` off the diagonal, 0 on it.
-
-    ``r`` are the row sums and ``S`` (``total``) the sum of the kernel matrix. Both
-    centrings are orthogonal projections, so ``HSIC(K, L) = <P(K), P(L)> = <P(K), L>``,
-    and ``P(L)`` is the derivative of ``HSIC(K, L)`` in ``K``.
-
-    The mean entry ``m`` is taken out of ``K`` first: centring ignores it, ``K - m``
-    is nearly exact when the entries are close to each other (an RBF kernel with a
-    wide bandwidth), and the remaining rounding then sits in per-row and per-column
-    terms, which the centred inner products do not see.
-    """
-    if UNBIASED:
-        m = total / (n * (n - 1.0))
-        c_r = (r_rows - (n - 1.0) * m) / (n - 2.0)
-        c_c = (r_cols - (n - 1.0) * m) / (n - 2.0)
-        rest = (total - n * (n - 1.0) * m) / ((n - 1.0) * (n - 2.0))
-    else:
-        m = total / (n * n)
-        c_r = (r_rows - n * m) / n
-        c_c = (r_cols - n * m) / n
-        rest = (total - n * n * m) / (n * n)
-    p = (k - m) - c_r[:, None] - c_c[None, :] + rest
-    if UNBIASED:
-        p = tl.where(rows[:, None] == cols[None, :], 0.0, p)
-    return tl.where(valid, p, 0.0)
-
-
-@triton.jit
 def _stats_kernel(
     gx_ptr, gy_ptr, n_ptr, bw_ptr, out_ptr, rs_ptr,
-    W, sxb, sxw, sxi, sxj, syb, syw, syi, syj, srb, srw, srs,
+    W, stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    stride_rsb, stride_rsw, stride_rss,
     RBF: tl.constexpr, UNBIASED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
 ):
     """Statistics record and kernel row sums of entry ``(b, w)``: its ``n x n`` blocks
@@ -126,13 +60,13 @@ def _stats_kernel(
         nf = tl.maximum(n, 1).to(tl.float32)
     bwx = tl.load(bw_ptr + (b * W + w) * 2)
     bwy = tl.load(bw_ptr + (b * W + w) * 2 + 1)
-    gx = gx_ptr + b * sxb + w * sxw
-    gy = gy_ptr + b * syb + w * syw
-    rs = rs_ptr + b * srb + w * srw
+    gx = gx_ptr + b * stride_gxb + w * stride_gxw
+    gy = gy_ptr + b * stride_gyb + w * stride_gyw
+    rs = rs_ptr + b * stride_rsb + w * stride_rsw
     cols = tl.arange(0, KP)
     col_ok = cols < n
-    dx_c = tl.load(gx + cols * (sxi + sxj), mask=col_ok, other=0.0)
-    dy_c = tl.load(gy + cols * (syi + syj), mask=col_ok, other=0.0)
+    dx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
+    dy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
 
     # Pass 1: row sums and totals of the kernel matrices.
     col_x = tl.zeros([KP], dtype=tl.float32)
@@ -142,12 +76,12 @@ def _stats_kernel(
     for r0 in range(0, n, BM):
         rows = r0 + tl.arange(0, BM)
         row_ok = rows < n
-        g1, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
-        g2, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
+        g1, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
+        g2, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
         raw_x += tl.sum(tl.sum(g1, axis=1), axis=0)
         raw_y += tl.sum(tl.sum(g2, axis=1), axis=0)
         tl.store(rs + rows, tl.sum(kx, axis=1), mask=row_ok)
-        tl.store(rs + srs + rows, tl.sum(ky, axis=1), mask=row_ok)
+        tl.store(rs + stride_rss + rows, tl.sum(ky, axis=1), mask=row_ok)
         col_x += tl.sum(kx, axis=0)
         col_y += tl.sum(ky, axis=0)
     t_x = tl.sum(col_x, axis=0)
@@ -164,8 +98,8 @@ def _stats_kernel(
         rows = r0 + tl.arange(0, BM)
         row_ok = rows < n
         valid = row_ok[:, None] & col_ok[None, :]
-        _, kx = load_kernel_tile(gx, sxi, sxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
-        _, ky = load_kernel_tile(gy, syi, syj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
+        _, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
+        _, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
         px = centred_tile(kx, tl.sum(kx, axis=1), col_x, t_x, nf, rows, cols, valid, UNBIASED)
         py = centred_tile(ky, tl.sum(ky, axis=1), col_y, t_y, nf, rows, cols, valid, UNBIASED)
         a += tl.sum(tl.sum(px * py, axis=1), axis=0)
@@ -185,7 +119,7 @@ def _stats_kernel(
 
 @triton.jit
 def _median_kernel(
-    g_ptr, n_ptr, out_ptr, W, sgb, sgw, sgi, sgj, scale,
+    g_ptr, n_ptr, out_ptr, W, stride_gb, stride_gw, stride_gi, stride_gj, scale,
     KP: tl.constexpr, BM: tl.constexpr,
 ):
     """``scale * median`` of the ``n * n`` squared distances of one Gram's leading
@@ -198,10 +132,10 @@ def _median_kernel(
     b = tl.program_id(0).to(tl.int64)
     w = tl.program_id(1)
     n = tl.load(n_ptr + b * W + w).to(tl.int32)
-    g = g_ptr + b * sgb + w * sgw
+    g = g_ptr + b * stride_gb + w * stride_gw
     cols = tl.arange(0, KP)
     col_ok = cols < n
-    sq_c = tl.load(g + cols * (sgi + sgj), mask=col_ok, other=0.0)
+    sq_c = tl.load(g + cols * (stride_gi + stride_gj), mask=col_ok, other=0.0)
     # 0-based ranks of the two middle values; searched as "smallest v with more
     # than rank values <= v".
     need_lo = (n * n - 1) // 2 + 1
@@ -219,7 +153,7 @@ def _median_kernel(
             rows = r0 + tl.arange(0, BM)
             row_ok = rows < n
             valid = row_ok[:, None] & col_ok[None, :]
-            tile, sq_r = load_gram_tile(g, sgi, sgj, rows, cols, row_ok, col_ok)
+            tile, sq_r = load_gram_tile(g, stride_gi, stride_gj, rows, cols, row_ok, col_ok)
             bits = distance_tile(tile, sq_r, sq_c, rows, cols).to(tl.int32, bitcast=True)
             count_a += tl.sum(tl.sum(tl.where(valid & (bits <= mid_a), 1, 0), axis=1), axis=0)
             count_b += tl.sum(tl.sum(tl.where(valid & (bits <= mid_b), 1, 0), axis=1), axis=0)
@@ -288,26 +222,22 @@ def hsic_stats(
     return stats, rowsums
 
 
-def defined_entries(
-    stats: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, size_x: torch.Tensor,
-    size_y: torch.Tensor, *, kernel: str, unbiased: bool,
-) -> torch.Tensor:
-    """The reference's definedness rule applied to the kernel's statistics."""
-    nf = n.to(torch.float32)
-    tol = nf * torch.finfo(torch.float32).eps
-    spread_x, spread_y = stats[..., SPREAD_X], stats[..., SPREAD_Y]
-    scale_x = spread_x.square() if kernel == "linear" else nf.square()
-    scale_y = spread_y.square() if kernel == "linear" else nf.square()
-    return (
-        (n >= (4 if unbiased else 2))
-        & torch.isfinite(bw).all(-1)
-        & (spread_x > tol * size_x) & (spread_y > tol * size_y)
-        & (stats[..., B] > tol.square() * scale_x) & (stats[..., C] > tol.square() * scale_y)
+def cka_from_grams(
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor,
+    *, kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CKA of every entry from its ``(B, W, k, k)`` Gram views, ``n (B, W)`` token counts
+    and the running squared row norms ``sq_*`` of the unshifted rows.
+
+    Returns ``(value (B, W), bw, stats, rowsums)``: the values and what the backward
+    pass reuses.
+    """
+    bw = bandwidths(gx, gy, n, kernel=kernel, sigma=sigma, rbf_threshold=rbf_threshold)
+    stats, rowsums = hsic_stats(gx, gy, n, bw, kernel=kernel, unbiased=unbiased)
+    rows = (torch.arange(gx.shape[-1], device=n.device) < n[..., None]).to(torch.float32)
+    defined = defined_entries(
+        n.to(torch.float32), stats[..., SPREAD_X], stats[..., SPREAD_Y],
+        (sq_x * rows).sum(-1), (sq_y * rows).sum(-1), stats[..., B], stats[..., C],
+        torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
     )
-
-
-def cka_values(stats: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
-    """``a / sqrt(b c)`` where defined, NaN elsewhere."""
-    one = torch.ones_like(stats[..., A])
-    denom = torch.sqrt(torch.where(defined, stats[..., B], one) * torch.where(defined, stats[..., C], one))
-    return torch.where(defined, stats[..., A] / denom, torch.full_like(one, math.nan))
+    return cka_value(stats[..., A], stats[..., B], stats[..., C], defined), bw, stats, rowsums

@@ -1,0 +1,101 @@
+"""The trainer's objective: the configured term modules and one weighted formula.
+
+``method="mipic"``: ``alpha * L_MRL + (1 - alpha) * (w_att L_att + w_cka L_cka + w_pic L_PIC)``;
+``"mrl"``: ``L_MRL``; ``"ese"``: ``L_MRL + w_ese L_ESE``. With MIC enabled,
+``gamma * (SCR + SIR)`` (each a mean over its layers and the truncated widths) is added to
+any of them. The method only decides which terms are built and the formula; ``forward``
+runs every built term on the same :class:`~mipic.objectives.terms.EncodedBatch` and
+evaluates the formula over their parts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import ObjectiveConfig
+from ..encoder import Encoder
+from .ese import ESELoss
+from .mic import MICLoss
+from .mrl import MRLLoss
+from .pic import PICLoss
+from .sia import SIALoss
+from .terms import EncodedBatch, Formula, check_layers, weighted_sum
+
+
+class Objective(nn.Module):
+    """Holds the loss terms (and their learnable parts: SIA lifts, PIC heads) and the formula."""
+
+    def __init__(self, cfg: ObjectiveConfig, dims: Sequence[int], hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        dims = list(dims)
+        if dims[-1] != hidden_size:
+            raise ValueError(f"model.dims must end at the hidden size {hidden_size}; got {dims}")
+        # Only the terms in use are checked against the model: a config may keep the
+        # settings of the others (e.g. a MIPIC config run with method=mrl).
+        if cfg.method == "mipic":
+            check_layers("objective.sia.layers", cfg.sia.layers, num_layers)
+            check_layers("objective.pic.chain layers", [l for _, l in cfg.pic.chain], num_layers)
+            bad_width = [w for w, _ in cfg.pic.chain if w > hidden_size]
+            if bad_width:
+                raise ValueError(f"objective.pic.chain widths must be <= the hidden size {hidden_size}; got {bad_width}")
+        if cfg.method == "ese":
+            check_layers("objective.ese.layers", cfg.ese.layers, num_layers)
+        if cfg.mic.enabled:
+            check_layers("objective.mic.layers", cfg.mic.layers, num_layers)
+        if cfg.method == "ese" and not cfg.ese.layers:
+            raise ValueError("objective.ese.layers must list at least one layer for method 'ese'")
+        self.cfg = cfg
+        self.dims = dims
+        self.num_layers = num_layers
+        truncated = [d for d in dims if d < hidden_size]
+
+        # Built in this order on purpose: it fixes how the new parameters draw from the RNG.
+        terms: dict[str, nn.Module] = {"mrl": MRLLoss(dims, cfg.temperature, cfg.mrl_weights)}
+        formula: list = [(1.0, "mrl")]
+        if cfg.method == "mipic":
+            s = cfg.sia
+            terms["sia"] = SIALoss(
+                hidden_size, dims, s.layers, k_fractions=s.k_fractions, k_min=s.k_min,
+                attention_temperature=s.attention_temperature, ranking=s.ranking, kernel=s.kernel,
+                detach_teacher=s.detach_teacher, backend=s.backend, aggregation=cfg.aggregation,
+            )
+            relational: list = [(s.attention_weight, "sia_attention"), (s.cka_weight, "sia_cka")]
+            if cfg.pic.chain:
+                terms["pic"] = PICLoss(cfg.pic.chain, cfg.temperature, cfg.aggregation)
+                relational.append((cfg.pic.weight, "pic"))
+            formula = [(cfg.alpha, "mrl"), (1 - cfg.alpha, relational)]
+        elif cfg.method == "ese":
+            terms["ese"] = ESELoss(dims, cfg.ese.layers, cfg.temperature)
+            formula.append((cfg.ese.weight, "ese"))
+        if cfg.mic.enabled and truncated:
+            c = cfg.mic
+            terms["mic"] = MICLoss(hidden_size, dims, c.layers or [num_layers], tau_corr=c.tau_corr,
+                                   lambda_var=c.lambda_var, uniformity_t=c.uniformity_t)
+            formula.append((c.gamma, [(1.0, "mic_scr"), (1.0, "mic_sir")]))
+        self.terms = nn.ModuleDict(terms)
+        self.formula: Formula = formula
+
+    def forward(self, encoder: Encoder, batch: Sequence[tuple[str, ...]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch of examples (1, 2 or 3 texts each) and its parts (detached)."""
+        views = len(batch[0])
+        columns = [[ex[i] for ex in batch] for i in range(views)]
+        if views == 1:  # SimCSE: the same sentences twice; dropout makes the two views differ
+            columns = columns * 2
+        enc = encoder([t for col in columns for t in col])
+        return self.combine(EncodedBatch(enc.hidden, enc.mask, views=len(columns), pooling=encoder.pooling))
+
+    def combine(self, batch: EncodedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every term on ``batch``, the formula over their parts, and everything to log (detached)."""
+        parts: dict[str, torch.Tensor] = {}
+        logs: dict[str, torch.Tensor] = {}
+        for term in self.terms.values():
+            out = term(batch)
+            parts.update(out.parts)
+            logs.update(out.details)
+            logs.update(out.parts)
+        loss = weighted_sum(self.formula, parts)
+        logs["loss"] = loss
+        return loss, {k: v.detach() for k, v in logs.items()}

@@ -1,0 +1,101 @@
+"""``@triton.jit`` tile helpers shared by the forward and backward kernels.
+
+Conventions of every kernel in this package: a tensor argument ``t`` arrives as the
+pointer ``t_ptr`` and its strides as ``stride_<t><dim>``, e.g. ``stride_xb``,
+``stride_xt``, ``stride_xd`` for ``x (B, T, D)`` and ``stride_gi``, ``stride_gj`` for
+the rows and columns of a Gram. Row ``r`` of example ``b`` is the token
+``x[b, order[b, r]]``: the kernels read the selected tokens through the ranking and
+never gather them into a copy.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_shifted(
+    x_ptr, b, stride_xb, stride_xt, stride_xd, pos, row_ok, shift_ptr, D, cols, col_ok,
+):
+    """Tokens ``pos`` of example ``b`` at columns ``cols``: (raw fp32, fp32 shifted by the
+    example's ``shift`` row, zero outside ``row_ok`` x ``col_ok``)."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    raw = tl.load(
+        x_ptr + b * stride_xb + pos[:, None] * stride_xt + cols[None, :] * stride_xd,
+        mask=ok, other=0.0,
+    ).to(tl.float32)
+    shift = tl.load(shift_ptr + b * D + cols, mask=col_ok, other=0.0)
+    return raw, tl.where(ok, raw - shift[None, :], 0.0)
+
+
+@triton.jit
+def distance_tile(g, sq_r, sq_c, rows, cols):
+    """Squared distances from a Gram tile and the Gram's diagonal at its rows and
+    columns; clamped at 0 (rounding) and exactly 0 on the diagonal."""
+    dist = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * g, 0.0)
+    return tl.where(rows[:, None] == cols[None, :], 0.0, dist)
+
+
+@triton.jit
+def kernel_tile(g, sq_r, sq_c, bw, rows, cols, valid, RBF: tl.constexpr, UNBIASED: tl.constexpr):
+    """Kernel-matrix tile from a Gram tile; zero outside ``valid`` (and on the diagonal
+    for the unbiased estimator)."""
+    if RBF:
+        k = tl.exp(-distance_tile(g, sq_r, sq_c, rows, cols) / (2.0 * bw))
+    else:
+        k = g
+    if UNBIASED:
+        k = tl.where(rows[:, None] == cols[None, :], 0.0, k)
+    return tl.where(valid, k, 0.0)
+
+
+@triton.jit
+def load_gram_tile(g_ptr, stride_gi, stride_gj, rows, cols, row_ok, col_ok):
+    """(Gram tile, Gram diagonal at ``rows``) of the Gram at ``g_ptr``, zero outside
+    ``row_ok`` x ``col_ok``."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    gram = tl.load(g_ptr + rows[:, None] * stride_gi + cols[None, :] * stride_gj, mask=valid, other=0.0)
+    return gram, tl.load(g_ptr + rows * (stride_gi + stride_gj), mask=row_ok, other=0.0)
+
+
+@triton.jit
+def load_kernel_tile(
+    g_ptr, stride_gi, stride_gj, rows, cols, row_ok, col_ok, sq_c, bw,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr,
+):
+    """(Gram tile, kernel tile) of rows ``rows`` x columns ``cols`` of the Gram at
+    ``g_ptr``; ``sq_c`` is the Gram's diagonal at ``cols``."""
+    gram, sq_r = load_gram_tile(g_ptr, stride_gi, stride_gj, rows, cols, row_ok, col_ok)
+    valid = row_ok[:, None] & col_ok[None, :]
+    return gram, kernel_tile(gram, sq_r, sq_c, bw, rows, cols, valid, RBF, UNBIASED)
+
+
+@triton.jit
+def centred_tile(k, r_rows, r_cols, total, n, rows, cols, valid, UNBIASED: tl.constexpr):
+    """Biased: the double-centred ``HKH``; unbiased: the U-centred
+    ``U(K) = K~ + S/((n-1)(n-2)) - (r_i + r_j)/(n-2)`` off the diagonal, 0 on it.
+
+    ``r`` are the row sums and ``S`` (``total``) the sum of the kernel matrix. Both
+    centrings are orthogonal projections, so ``HSIC(K, L) = <P(K), P(L)> = <P(K), L>``,
+    and ``P(L)`` is the derivative of ``HSIC(K, L)`` in ``K``.
+
+    The mean entry ``m`` is taken out of ``K`` first: centring ignores it, ``K - m``
+    is nearly exact when the entries are close to each other (an RBF kernel with a
+    wide bandwidth), and the remaining rounding then sits in per-row and per-column
+    terms, which the centred inner products do not see.
+    """
+    if UNBIASED:
+        m = total / (n * (n - 1.0))
+        c_r = (r_rows - (n - 1.0) * m) / (n - 2.0)
+        c_c = (r_cols - (n - 1.0) * m) / (n - 2.0)
+        rest = (total - n * (n - 1.0) * m) / ((n - 1.0) * (n - 2.0))
+    else:
+        m = total / (n * n)
+        c_r = (r_rows - n * m) / n
+        c_c = (r_cols - n * m) / n
+        rest = (total - n * n * m) / (n * n)
+    p = (k - m) - c_r[:, None] - c_c[None, :] + rest
+    if UNBIASED:
+        p = tl.where(rows[:, None] == cols[None, :], 0.0, p)
+    return tl.where(valid, p, 0.0)
