@@ -7,6 +7,13 @@ import os
 import pytest
 import torch
 
+# Triton chooses between compiling and interpreting a kernel when the kernel is defined.
+# Without CUDA every kernel test runs under the interpreter, so the switch must be set
+# before any test module imports triton (sentence-transformers does, through its
+# dependencies), or kernels defined before and after it would be of two kinds.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from tests.seeding import SESSION_SEED, generator
 
 # Without CUDA the Triton kernels run under Triton's interpreter, which must be on before
