@@ -16,14 +16,6 @@ if not torch.cuda.is_available():
 
 from tests.seeding import SESSION_SEED, generator
 
-# Without CUDA the Triton kernels run under Triton's interpreter, which must be on before
-# triton is first imported. Test modules import it in passing (torch._dynamo does, under
-# the integrations' tests), and mipic_kernels ranks "cls" scores with the fused kernel
-# whenever TRITON_INTERPRET is set: deciding here, before any test module is collected,
-# gives every test of the session the same, working configuration.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 def pytest_report_header(config) -> str:
     return f"MIPIC_TEST_SEED={SESSION_SEED} (set it to replay this session's random inputs)"
