@@ -179,6 +179,12 @@ def _task_inputs(
         cols = columns or (("text",) if fmt not in ("sick", "snli", "stsb") else None)
         train = _read(data, fmt, cols, label_column or "label", 1)
         test = _read(test_data, fmt, cols, label_column or "label", 1)
+        classes = {r.label for r in train}
+        if len(classes) < 2:
+            raise DataError(
+                f"{data}: a classification probe needs at least 2 label classes in the training "
+                f"file; got only {sorted(map(str, classes))}"
+            )
         n = len(train)
 
         def probe(emb: torch.Tensor, dims: Sequence[int]) -> dict[str, float]:

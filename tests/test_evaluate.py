@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 scipy_stats = pytest.importorskip("scipy.stats")
 
 from mipic.cli import main
+from mipic.data import DataError
 from mipic.encoder import Encoder
 from mipic.evaluate import best_threshold_accuracy, default_dims, evaluate, format_table, spearman, sts_scores
 from mipic.testing import WORDS, build_tiny_model
@@ -80,7 +81,8 @@ def test_classification_and_pair_tasks(tiny_bert, tmp_path, rng):
     train = tmp_path / "train.csv"
     test = tmp_path / "test.csv"
     for path, n in ((train, 40), (test, 20)):
-        rows = [(s, "dog" if "dog" in s else "other") for s in _sentences(rng, n)]
+        # The first sentence of each file holds "dog", so both classes are always present.
+        rows = [(s, "dog" if "dog" in s else "other") for s in ["a dog"] + _sentences(rng, n - 1)]
         path.write_text("text,label\n" + "".join(f"{s},{label}\n" for s, label in rows))
     scores = evaluate(tiny_bert, "classification", str(train), test_data=str(test), dims=[8, 32])
     assert set(scores["classification"]) == {"8", "32"}
@@ -161,3 +163,12 @@ def test_default_dims_and_table(tiny_bert):
     assert default_dims(tiny_bert, 32) == [8, 16, 32]
     table = format_table({"sts": {"8": 50.0, "32": 61.234}})
     assert table.splitlines()[0].split() == ["task", "8", "32"] and "61.23" in table
+
+
+def test_classification_with_one_class_is_refused_before_the_model_loads(tmp_path):
+    train = tmp_path / "train.csv"
+    test = tmp_path / "test.csv"
+    for path in (train, test):
+        path.write_text("text,label\na dog runs,other\na cat sits,other\n")
+    with pytest.raises(DataError, match="at least 2 label classes"):
+        evaluate(str(tmp_path / "no-model-here"), "classification", str(train), test_data=str(test))
