@@ -1,6 +1,10 @@
 """CKA maps: time and peak memory of every layer pair's CKA, accumulated over minibatches.
 
-    python -m benchmarks.cka_map [--workload NAME ...] [--repeats N] [--csv PATH | --no-csv]
+    python -m benchmarks.cka_map [--workload NAME ...] [--threads N] [--repeats N] [--csv PATH | --no-csv]
+
+Rows are appended to ``cka_map.csv`` in the folder of
+:func:`benchmarks.records.default_root`, outside the checkout, or to ``--csv PATH``
+(``--csv benchmarks/results/cka_map.csv`` refreshes the committed rows).
 
 Every provider turns the same float32 layer features (``La`` layers of model A and
 ``Lb`` of model B, each ``(n, width)`` per minibatch) into the ``(La, Lb)`` map of
@@ -49,7 +53,7 @@ from .measure import cpu_peak_bytes, quantiles
 
 TIME_BUDGET_S = 20.0
 MIN_CALLS = 3
-CSV_PATH = records.RESULTS_DIR / "cka_map.csv"
+CSV_NAME = "cka_map.csv"
 SCHEMA = (
     "date", "commit", "device", "torch", "pytorch_cka", "workload", "shape", "dtype", "provider",
     "p20_ms", "p50_ms", "p80_ms", "peak_mib", "x_pytorch_cka", "max_err", "off_1e-3", "timer",
@@ -266,7 +270,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per provider (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--csv", type=Path, default=CSV_PATH, help=f"CSV to append to (default {CSV_PATH})")
+    parser.add_argument("--csv", type=Path, default=records.default_root() / CSV_NAME,
+                        help=f"CSV to append to (default {records.default_root() / CSV_NAME}; "
+                             f"--csv benchmarks/results/{CSV_NAME} refreshes the committed rows)")
     parser.add_argument("--no-csv", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if args.threads is not None:

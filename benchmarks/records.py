@@ -1,4 +1,11 @@
-"""The one CSV schema of benchmark results, and the environment each row records."""
+"""The one CSV schema of benchmark results, where a run writes them, and the
+environment each row records.
+
+A run writes to an output folder: ``nested_cka.csv`` (appended to when the folder
+already holds one) and the figures beside it. By default the folder is new for each
+run and lies outside any source checkout (:func:`default_out_dir`); the committed
+results in ``benchmarks/results`` change only when a run is pointed there.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +14,48 @@ import datetime
 import os
 import subprocess
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA = (
     "date", "commit", "device", "torch", "triton",
     "preset", "shape", "dtype", "kernel", "provider", "mode",
     "p20_ms", "p50_ms", "p80_ms", "peak_mib", "timer",
+    # How far to trust the row: the p50's 95% confidence half-width, the 1-minute load
+    # average before and after, the cores other processes used meanwhile, and the flags
+    # of benchmarks.flags (';'-separated). Empty in rows written before they existed.
+    "p50_ci_pct", "load_before", "load_after", "others_cores", "flags",
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = PACKAGE_DIR / "results"
 CSV_NAME = "nested_cka.csv"
 
 
-def default_csv() -> Path:
-    """``benchmarks/results/nested_cka.csv`` in a source checkout; in the current
-    directory when the package is installed somewhere read-only."""
-    if os.access(RESULTS_DIR, os.W_OK):
-        return RESULTS_DIR / CSV_NAME
-    return Path.cwd() / f"mipic-bench-{CSV_NAME}"
+def default_root() -> Path:
+    """The folder that holds one subfolder per run: ``mipic-bench`` in the user's cache
+    folder (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "mipic-bench"
+
+
+def default_out_dir() -> Path:
+    """A new folder for this run under :func:`default_root`, named by its UTC start time."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = default_root() / stamp
+    n = 1
+    while folder.exists():  # two runs started within a second
+        n += 1
+        folder = default_root() / f"{stamp}-{n}"
+    return folder
+
+
+def latest_run() -> Optional[Path]:
+    """The most recent run folder under :func:`default_root` that holds results."""
+    root = default_root()
+    runs = sorted(p.parent for p in root.glob(f"*/{CSV_NAME}")) if root.is_dir() else []
+    return runs[-1] if runs else None
 
 
 def append_rows(path: Path, rows: Iterable[dict], schema: tuple[str, ...] = SCHEMA) -> None:
@@ -38,7 +66,7 @@ def append_rows(path: Path, rows: Iterable[dict], schema: tuple[str, ...] = SCHE
         with path.open(newline="") as f:
             header = next(csv.reader(f), None)
         if tuple(header or ()) != schema:
-            raise ValueError(f"{path} has another header than {','.join(schema)}; pass another --csv")
+            raise ValueError(f"{path} has another header than {','.join(schema)}; write the results elsewhere")
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=schema)
         if new:
@@ -54,8 +82,10 @@ def read_rows(path: Path) -> list[dict]:
         return list(reader)
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: "torch.device") -> str:
     """The GPU's name, or ``cpu (<model>, <n> threads)``."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()

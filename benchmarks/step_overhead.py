@@ -3,11 +3,17 @@
 One step = forward of both views, every loss term, backward, AdamW update. The CKA term
 runs through ``mipic_kernels`` with the eager backend (``backend="torch"``) unless
 ``--backend`` says otherwise. Times are wall-clock per step (median and the 20th / 80th
-percentiles over ``--repeats`` steps after ``--warmup`` untimed ones; the two methods
-alternate step by step); one row per method
-is appended to the CSV with the device, library versions and date.
+percentiles over ``--repeats`` steps after ``--warmup`` untimed ones). The two methods
+alternate step by step on the same batch, so that a change in the machine's load hits
+both alike: separate runs minutes apart on a shared machine can differ by 2x on their
+own. Batches are ``--seq-len`` tokens of synthetic text, or with ``--data`` random
+batches of the file's sentences, padded to their longest as in training. One row per
+method is appended to the CSV with the device, threads, library versions, the load
+(``mipic.machine``) and the date; the CSV lies outside the checkout unless ``--csv``
+names one (``--csv benchmarks/results/step_overhead.csv`` refreshes the committed rows).
 
-    HF_HUB_OFFLINE=1 python benchmarks/step_overhead.py --model PATH --batch-size 32 --seq-len 32
+    HF_HUB_OFFLINE=1 python -m benchmarks.step_overhead --batch-size 32 --seq-len 32 \
+        --data ../shared/data/stsbenchmark/sts-train.csv --threads 1
 """
 
 from __future__ import annotations
@@ -17,15 +23,21 @@ import csv
 import datetime
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
-DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "step_overhead.csv"
+from benchmarks import records
+from mipic import machine
+
 FIELDS = ["date", "device", "torch", "transformers", "mipic_kernels", "model", "layers", "hidden", "batch",
-          "seq_len", "method", "cka_backend", "threads", "median_s", "p20_s", "p80_s", "overhead_vs_mrl"]
+          "seq_len", "method", "cka_backend", "threads", "median_s", "p20_s", "p80_s", "overhead_vs_mrl",
+          # Added later; empty in older rows.
+          "data", "load_before", "load_after", "others_cores"]
 
 
 def _objective_config(method: str, num_layers: int, dims: list[int], backend: str) -> dict:
@@ -38,8 +50,9 @@ def _objective_config(method: str, num_layers: int, dims: list[int], backend: st
     return objective
 
 
-def make_step(model: str, method: str, batch: int, seq_len: int, backend: str, device: str):
-    """A function that runs one full training step of ``method`` and returns its seconds."""
+def make_step(model: str, method: str, seq_len: int, backend: str, device: str):
+    """A function that runs one full training step of ``method`` on a batch of texts and
+    returns its seconds."""
     from mipic.config import config_from_dict
     from mipic.encoder import Encoder
     from mipic.objectives import Objective
@@ -54,11 +67,8 @@ def make_step(model: str, method: str, batch: int, seq_len: int, backend: str, d
     encoder.to(device).train()
     objective.to(device)
     optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(objective.parameters()), lr=1e-5)
-    # Long sentences truncated at seq_len: every sequence has exactly seq_len tokens.
-    words = "the quick brown fox jumps over the lazy dog while a man plays the guitar".split()
-    texts = [(" ".join(words[(i + j) % len(words)] for j in range(4 * seq_len)),) for i in range(batch)]
 
-    def step() -> float:
+    def step(texts: list[tuple[str]]) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -71,6 +81,22 @@ def make_step(model: str, method: str, batch: int, seq_len: int, backend: str, d
         return time.perf_counter() - start
 
     return step
+
+
+def batches(batch: int, seq_len: int, data: Optional[str], seed: int = 0) -> Iterator[list[tuple[str]]]:
+    """Endless batches: long synthetic sentences cut at ``seq_len`` (every sequence full),
+    or random batches of the distinct sentences of ``data``."""
+    if data is None:
+        words = "the quick brown fox jumps over the lazy dog while a man plays the guitar".split()
+        texts = [(" ".join(words[(i + j) % len(words)] for j in range(4 * seq_len)),) for i in range(batch)]
+        while True:
+            yield texts
+    from mipic.data import read_records, training_examples
+
+    examples = training_examples(read_records(data), "unsupervised")
+    rng = random.Random(seed)
+    while True:
+        yield rng.sample(examples, batch)
 
 
 def _cpu_name() -> str:
@@ -98,8 +124,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--csv", default=str(DEFAULT_CSV))
+    parser.add_argument("--data", help="a file of training sentences (e.g. STS Benchmark's sts-train.csv); "
+                                       "default: synthetic text, every sequence --seq-len tokens")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--csv", default=str(records.default_root() / "step_overhead.csv"),
+                        help="CSV to append to (default: %(default)s)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     model = args.model
     if model is None:
@@ -113,14 +145,16 @@ def main() -> None:
     config = AutoConfig.from_pretrained(model)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
     methods = ("mrl", "mipic")
-    steps = {m: make_step(model, m, args.batch_size, args.seq_len, args.backend, args.device) for m in methods}
+    steps = {m: make_step(model, m, args.seq_len, args.backend, args.device) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
-    # Alternate the methods step by step so that a change in machine load hits both alike.
-    for i in range(args.warmup + args.repeats):
-        for m in methods:
-            elapsed = steps[m]()
-            if i >= args.warmup:
-                times[m].append(elapsed)
+    texts = batches(args.batch_size, args.seq_len, args.data)
+    with machine.probe() as window:
+        for i in range(args.warmup + args.repeats):
+            batch = next(texts)
+            for m in methods:
+                elapsed = steps[m](batch)
+                if i >= args.warmup:
+                    times[m].append(elapsed)
     base = statistics.median(times["mrl"])
     rows = []
     for method in methods:
@@ -134,6 +168,10 @@ def main() -> None:
             "threads": torch.get_num_threads(), "median_s": round(median, 4),
             "p20_s": round(_quantile(times[method], 0.2), 4), "p80_s": round(_quantile(times[method], 0.8), 4),
             "overhead_vs_mrl": round(median / base, 3),
+            "data": Path(args.data).name if args.data else "synthetic",
+            **{k: "" if v is None else round(v, 2) for k, v in (
+                ("load_before", window.load.before), ("load_after", window.load.after),
+                ("others_cores", window.load.others_cores))},
         })
         print(rows[-1], flush=True)
     path = Path(args.csv)
@@ -144,6 +182,7 @@ def main() -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+    print(f"{len(rows)} rows appended to {path}")
 
 
 if __name__ == "__main__":

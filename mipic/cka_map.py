@@ -21,7 +21,6 @@ With ``kernel="rbf"`` every layer of every minibatch gets its own median bandwid
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import importlib.util
@@ -92,7 +91,7 @@ class CKAMap:
     def plot(self, path: str | Path) -> None:
         """A heat map: layers of B across, layers of A up, a colour bar, values in the
         cells of small maps, NaN cells grey."""
-        _require_matplotlib()
+        require_matplotlib()
         import matplotlib
 
         matplotlib.use("Agg")
@@ -125,7 +124,7 @@ class CKAMap:
         plt.close(fig)
 
 
-def _require_matplotlib() -> None:
+def require_matplotlib() -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError("the heat map needs matplotlib: pip install matplotlib (or mipic-kernels[train])")
 
@@ -157,7 +156,7 @@ def compute_cka_map(
     mode: str = "pooled",
     kernel: str = "linear",
     batch_size: int = 64,
-    max_length: int = 128,
+    max_length: Optional[int] = None,
     pooling: str = "auto",
     device: str = "auto",
     label_a: Optional[str] = None,
@@ -173,7 +172,9 @@ def compute_cka_map(
         mode: ``"pooled"`` (one row per text) or ``"tokens"`` (one row per real token).
         kernel: ``"linear"`` or ``"rbf"`` (median bandwidth per layer and minibatch).
         batch_size: the most texts per minibatch (at least 4 in pooled mode).
-        max_length: tokenizer truncation.
+        max_length: tokenizer truncation; None: each model's inference length (its
+            sentence-transformers ``max_seq_length``, else its tokenizer's and position
+            embeddings' limit).
         pooling: ``auto``, ``cls``, ``mean`` or ``last`` (pooled mode).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         label_a, label_b: names on the axes (default: the last part of the path).
@@ -194,9 +195,9 @@ def compute_cka_map(
     accumulator = MinibatchCKA(kernel=kernel)
     dev = resolve_device(device)
     self_map = model_b is None or model_b == model_a
-    encoders = [Encoder.from_pretrained(model_a, pooling=pooling, max_length=max_length)]
+    encoders = [Encoder.from_pretrained(model_a, pooling=pooling, max_length=max_length, what="model_a")]
     if not self_map:
-        encoders.append(Encoder.from_pretrained(model_b, pooling=pooling, max_length=max_length))
+        encoders.append(Encoder.from_pretrained(model_b, pooling=pooling, max_length=max_length, what="model_b"))
     for encoder in encoders:
         encoder.to(dev).eval()
 
@@ -220,9 +221,11 @@ def compute_cka_map(
     labels = [label_a or _label(names[0]), label_b or (label_a if self_map and label_a else _label(names[1]))]
     settings = {
         "model_a": {"name": names[0], "label": labels[0], "layers": int(values.shape[0]),
-                    "hidden_size": encoders[0].hidden_size, "pooling": encoders[0].pooling},
+                    "hidden_size": encoders[0].hidden_size, "pooling": encoders[0].pooling,
+                    "max_length": encoders[0].max_length},
         "model_b": {"name": names[1], "label": labels[1], "layers": int(values.shape[1]),
-                    "hidden_size": encoders[-1].hidden_size, "pooling": encoders[-1].pooling},
+                    "hidden_size": encoders[-1].hidden_size, "pooling": encoders[-1].pooling,
+                    "max_length": encoders[-1].max_length},
         "self_map": self_map,
         "mode": mode,
         "kernel": kernel,
@@ -232,7 +235,6 @@ def compute_cka_map(
         "minibatches": len(batches),
         "rows_per_minibatch": {"min": min(rows_seen), "mean": float(np.mean(rows_seen)), "max": max(rows_seen)},
         "rows": int(sum(rows_seen)),
-        "max_length": max_length,
         "seconds": round(time.perf_counter() - started, 2),
         "device": _device_name(dev),
         "versions": _versions(),
@@ -294,56 +296,3 @@ def _versions() -> dict[str, str]:
 
     return {"mipic_kernels": mipic_kernels.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    """The ``cka-map`` subcommand of ``mipic``."""
-    cm = commands.add_parser(
-        "cka-map", help="CKA between every layer of one model and every layer of another",
-        description="Minibatch CKA (unbiased HSIC summed over minibatches) between every layer of "
-                    "--model-a and every layer of --model-b; writes cka_map.csv, cka_map.png and "
-                    "cka_map.json to --out.",
-    )
-    cm.add_argument("--model-a", required=True, help="model folder or hub name")
-    cm.add_argument("--model-b", help="the other model (default: model A, the self-similarity map)")
-    cm.add_argument("--data", required=True, help="text file, CSV/TSV/JSONL, STS-B, SICK or SNLI file")
-    cm.add_argument("--format", default="auto",
-                    choices=["auto", "text", "csv", "tsv", "jsonl", "stsb", "sick", "snli", "hf"])
-    cm.add_argument("--columns", help="comma-separated text column names (csv/tsv/jsonl)")
-    rows = cm.add_mutually_exclusive_group()
-    rows.add_argument("--pooled", dest="mode", action="store_const", const="pooled",
-                      help="one row per text, each layer pooled (the default)")
-    rows.add_argument("--tokens", dest="mode", action="store_const", const="tokens",
-                      help="one row per real token (models must share a tokenizer)")
-    cm.add_argument("--kernel", choices=("linear", "rbf"), default="linear")
-    cm.add_argument("--batch-size", type=int, default=64, help="most texts per minibatch (default 64)")
-    cm.add_argument("--max-examples", type=int, help="use the first N distinct texts")
-    cm.add_argument("--max-length", type=int, default=128, help="tokenizer truncation (default 128)")
-    cm.add_argument("--pooling", default="auto", choices=("auto", "cls", "mean", "last"))
-    cm.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    cm.add_argument("--label-a", help="name of model A on the heat map (default: last part of its path)")
-    cm.add_argument("--label-b", help="name of model B on the heat map")
-    cm.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cm.add_argument("--out", required=True, help="folder for cka_map.csv, cka_map.png and cka_map.json")
-    cm.set_defaults(mode="pooled")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``mipic cka-map``: compute, save and summarise a map."""
-    _require_matplotlib()  # before the models run, not after
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError(f"--max-examples must be an int >= 1; got {args.max_examples}")
-    texts, total = read_texts(args.data, args.format, args.columns.split(",") if args.columns else None)
-    texts = texts[:args.max_examples] if args.max_examples else texts
-    result = compute_cka_map(
-        args.model_a, args.model_b, texts, mode=args.mode, kernel=args.kernel, batch_size=args.batch_size,
-        max_length=args.max_length, pooling=args.pooling, device=args.device, label_a=args.label_a,
-        label_b=args.label_b, progress=not args.no_progress,
-    )
-    result.settings["data"] = {"path": args.data, "format": args.format, "texts_in_file": total,
-                               "distinct_texts_used": len(texts)}
-    paths = result.save(args.out)
-    print(f"{result.label_a} ({result.values.shape[0]} layers) vs {result.label_b} ({result.values.shape[1]} "
-          f"layers), {len(texts)} texts, {result.settings['minibatches']} minibatches: "
-          + ", ".join(str(p) for p in paths))
-    return 0

@@ -45,7 +45,7 @@ POOLING = "mean"
 
 @functools.lru_cache(maxsize=None)
 def _encoder(model: str) -> Encoder:
-    return Encoder.from_pretrained(model, pooling=POOLING, max_length=128).eval()
+    return Encoder.from_pretrained(model, pooling=POOLING).eval()
 
 
 def _rows(model: str, texts: list[str], mode: str) -> torch.Tensor:
