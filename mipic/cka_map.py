@@ -172,9 +172,9 @@ def compute_cka_map(
         mode: ``"pooled"`` (one row per text) or ``"tokens"`` (one row per real token).
         kernel: ``"linear"`` or ``"rbf"`` (median bandwidth per layer and minibatch).
         batch_size: the most texts per minibatch (at least 4 in pooled mode).
-        max_length: tokenizer truncation; None: each model's inference length (its
-            sentence-transformers ``max_seq_length``, else its tokenizer's and position
-            embeddings' limit).
+        max_length: tokenizer truncation for both models; None: the shorter of their
+            inference lengths (a sentence-transformers ``max_seq_length``, else the
+            limit of the tokenizer and position embeddings).
         pooling: ``auto``, ``cls``, ``mean`` or ``last`` (pooled mode).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         label_a, label_b: names on the axes (default: the last part of the path).
@@ -198,7 +198,11 @@ def compute_cka_map(
     encoders = [Encoder.from_pretrained(model_a, pooling=pooling, max_length=max_length, what="model_a")]
     if not self_map:
         encoders.append(Encoder.from_pretrained(model_b, pooling=pooling, max_length=max_length, what="model_b"))
+    # One truncation for both models, so that both see the same text (and, over
+    # tokens, the same rows): the given one, else the shorter inference length.
+    common_length = max_length or min(encoder.max_length for encoder in encoders)
     for encoder in encoders:
+        encoder.max_length = common_length
         encoder.to(dev).eval()
 
     started = time.perf_counter()
@@ -221,11 +225,10 @@ def compute_cka_map(
     labels = [label_a or _label(names[0]), label_b or (label_a if self_map and label_a else _label(names[1]))]
     settings = {
         "model_a": {"name": names[0], "label": labels[0], "layers": int(values.shape[0]),
-                    "hidden_size": encoders[0].hidden_size, "pooling": encoders[0].pooling,
-                    "max_length": encoders[0].max_length},
+                    "hidden_size": encoders[0].hidden_size, "pooling": encoders[0].pooling},
         "model_b": {"name": names[1], "label": labels[1], "layers": int(values.shape[1]),
-                    "hidden_size": encoders[-1].hidden_size, "pooling": encoders[-1].pooling,
-                    "max_length": encoders[-1].max_length},
+                    "hidden_size": encoders[-1].hidden_size, "pooling": encoders[-1].pooling},
+        "max_length": common_length,
         "self_map": self_map,
         "mode": mode,
         "kernel": kernel,

@@ -28,7 +28,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     cm.add_argument("--kernel", choices=("linear", "rbf"), default="linear")
     cm.add_argument("--batch-size", type=int, default=64, help="most texts per minibatch (default 64)")
     cm.add_argument("--max-examples", type=int, help="use the first N distinct texts")
-    cm.add_argument("--max-length", type=int, help="tokenizer truncation (default: each model's inference length)")
+    cm.add_argument("--max-length", type=int,
+                    help="tokenizer truncation for both models (default: the shorter of their inference lengths)")
     cm.add_argument("--pooling", default="auto", choices=("auto", "cls", "mean", "last"))
     cm.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     cm.add_argument("--label-a", help="name of model A on the heat map (default: last part of its path)")

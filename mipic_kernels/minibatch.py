@@ -36,8 +36,8 @@ class MinibatchCKA:
     negative, and an entry is NaN exactly when one of its layers never had variance
     (the rule of :func:`mipic_kernels.cka`, judged per minibatch). A layer without
     variance in a minibatch adds exactly 0 to that minibatch's sums, its exact
-    unbiased HSIC, rather than rounding noise. Per-minibatch statistics are computed in
-    float32 (float64 for float64 features) and summed in float64. No autograd.
+    unbiased HSIC, rather than rounding noise. Grams are formed in float32 (float64 for
+    float64 features); every HSIC from them is taken and summed in float64. No autograd.
 
     Args:
         kernel: ``"linear"`` or ``"rbf"``.
@@ -45,6 +45,12 @@ class MinibatchCKA:
             ``sigma^2 = rbf_threshold^2 * median`` of its squared distances (the
             bandwidth then follows the minibatch, as in Nguyen et al.).
         rbf_threshold: scales the median bandwidth.
+
+    Attributes:
+        hsic_xy, hsic_xx, hsic_yy: the float64 sums ``(La, Lb)``, ``(La,)``, ``(Lb,)``
+            (None before the first update); sums from disjoint data, e.g. other
+            processes, add up to the sums of their union.
+        batches, rows: minibatches and rows seen.
 
     Example::
 

@@ -115,6 +115,7 @@ def test_cli_writes_csv_png_and_json(tiny_bert, tiny_qwen, tmp_path, capsys):
     assert settings["mode"] == "tokens" and settings["kernel"] == "rbf" and settings["texts"] == 25
     assert settings["data"] == {"path": str(data), "format": "auto", "texts_in_file": 29, "distinct_texts_used": 25}
     assert settings["minibatches"] == 3 and settings["model_a"]["label"] == "bert"
+    assert settings["max_length"] == 64  # both tiny models: 64 positions
     for key in ("device", "versions", "date", "rows_per_minibatch", "seconds"):
         assert key in settings
     with (out / "cka_map.csv").open() as f:
