@@ -14,7 +14,7 @@ import datetime
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -63,39 +63,41 @@ def latest_run() -> Optional[Path]:
     return runs[-1] if runs else None
 
 
-def append_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Append rows (dicts with exactly the SCHEMA keys), writing the header to a new file.
+def append_rows(path: Path, rows: Iterable[dict], schema: Sequence[str] = SCHEMA) -> None:
+    """Append rows (dicts with exactly the ``schema`` keys), writing the header to a new file.
 
-    A file written before the last columns existed (its header a prefix of SCHEMA) is
-    rewritten first with those columns empty.
+    A file written before the last columns existed (its header a prefix of ``schema``)
+    is rewritten first with those columns empty.
     """
+    schema = tuple(schema)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
             header = tuple(next(csv.reader(f), None) or ())
-        if header != SCHEMA:
-            old = read_rows(path)  # raises unless the header is an older SCHEMA
+        if header != schema:
+            old = read_rows(path, schema)  # raises unless the header is an older schema
             with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=SCHEMA)
+                writer = csv.DictWriter(f, fieldnames=schema)
                 writer.writeheader()
                 writer.writerows(old)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SCHEMA)
+        writer = csv.DictWriter(f, fieldnames=schema)
         if new:
             writer.writeheader()
         writer.writerows(rows)
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a results CSV, each with every SCHEMA key (empty where the file
+def read_rows(path: Path, schema: Sequence[str] = SCHEMA) -> list[dict]:
+    """The rows of a results CSV, each with every ``schema`` key (empty where the file
     predates the column)."""
+    schema = tuple(schema)
     with Path(path).open(newline="") as f:
         reader = csv.DictReader(f)
         header = tuple(reader.fieldnames or ())
-        if not header or SCHEMA[:len(header)] != header:
-            raise ValueError(f"{path} does not have the benchmark header {','.join(SCHEMA)}; pass another --out")
-        missing = SCHEMA[len(header):]
+        if not header or schema[:len(header)] != header:
+            raise ValueError(f"{path} does not have the header {','.join(schema)}; pass another file or folder")
+        missing = schema[len(header):]
         return [{**row, **dict.fromkeys(missing, "")} for row in reader]
 
 
