@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.device_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/environment.json")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--copy-mib", type=int, default=4096, help="size of the timed copy (default: %(default)s)")
+    parser.add_argument("--copy-mib", type=int, default=2048, help="size of the timed copy (default: %(default)s)")
     parser.add_argument("--matmul", type=int, default=8192, help="edge of the timed product (default: %(default)s)")
     return parser
 
@@ -99,7 +99,7 @@ def _copy_rate(device, mib: int) -> float:
     """Bytes read + written per second by a device-to-device copy."""
     import torch
 
-    src = torch.randint(0, 255, (mib * 2**20,), dtype=torch.uint8, device=device)
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     ms = _median_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() / (ms / 1e3)

@@ -90,12 +90,15 @@ def test_runner_resumes_and_keeps_what_each_job_left(tmp_path) -> None:
     assert runs.read_text().split() == ["ok", "fails", "hangs", "fails"]
 
 
-def test_a_job_cut_by_the_calls_deadline_runs_again_next_call(tmp_path) -> None:
+def test_a_job_cut_by_the_calls_deadline_runs_again_next_call_once(tmp_path) -> None:
     out, runs = tmp_path / "suite", tmp_path / "runs.txt"
     job = _job("slow", f"open({str(runs)!r}, 'a').write('x'); import time; time.sleep(60)", limit=100)
     suite.run_jobs([job], out, deadline_s=1.0, retry=False, archive=None)
     assert runs.read_text() == "x" and suite.job_status(out, job) is None
-    assert not list(out.glob("bench/*"))
+    assert not list(out.glob("bench/*/"))
+    # Cut again: it does not fit in a call, and fails instead of taking every call.
+    suite.run_jobs([job], out, deadline_s=1.0, retry=False, archive=None)
+    assert runs.read_text() == "xx" and "deadline 2 times" in suite.job_status(out, job)["reason"]
 
 
 def _junit(path: Path, cases: dict) -> None:
