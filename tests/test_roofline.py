@@ -210,5 +210,7 @@ def test_rows_carry_the_roofline_of_their_device() -> None:
         work = want.get(row["provider"]) or roofline.lower_bound(problem, row["mode"])
         ms, bound = roofline.limit_ms(work, H100, torch.float32)
         assert float(row["roofline_ms"]) == pytest.approx(ms, rel=1e-3) and row["roofline_bound"] == bound
-        assert float(row["roofline_pct"]) == pytest.approx(100 * ms / float(row["p50_ms"]), rel=1e-2)
+        # p50_ms is written to 4 decimals: the percentage was taken before that rounding.
+        p50 = float(row["p50_ms"])
+        assert 100 * ms / (p50 + 5e-5) * 0.999 <= float(row["roofline_pct"]) <= 100 * ms / (p50 - 5e-5) * 1.001
     assert [r["provider"] for r in rows] == ["copy", "torch", "torch"]
