@@ -81,22 +81,34 @@ def _judge(target: dict, values: list[float], ok: Callable[[float], bool], pick:
     return target
 
 
+def _compare(target: dict, rows: list[dict], preset: str, mode: str, baseline: str, baseline_mode: str,
+             value: Callable[[dict, dict], Optional[float]], describe: Callable[[dict, dict, float], str],
+             ok: Callable[[float], bool], pick: Callable[[Iterable[float]], float]) -> dict:
+    """Judge ``value(fused row, baseline row)`` at every shape of ``preset`` where both ran."""
+    values = []
+    for fused in _rows(rows, preset=preset, provider="triton", mode=mode, kernel="linear"):
+        base = _p50(rows, preset, fused["shape"], baseline, baseline_mode)
+        found = None if base is None else value(fused, base)
+        if found is not None:
+            values.append(found)
+            target["evidence"].append(f"{fused['shape']}: {describe(fused, base, found)}")
+    return _judge(target, values, ok, pick)
+
+
+def _ms(row: dict) -> float:
+    return float(row["p50_ms"])
+
+
 def _speedup(baseline: str, factor: float) -> Callable[[Path, list[dict]], dict]:
     def check(out: Path, rows: list[dict]) -> dict:
         target = _target(f"full-step-vs-{baseline}",
                          f"bert-base full step: fused p50 at least {factor:g}x {baseline}'s at every shape"
                          + (" where it ran" if baseline == "naive" else ""), f">= {factor:g} (smallest ratio)",
                          f"bert-base full-step rows of the fused kernels and of {baseline}")
-        ratios = []
-        for fused in _rows(rows, preset="bert-base", provider="triton", mode="full", kernel="linear"):
-            base = _p50(rows, "bert-base", fused["shape"], baseline, "full")
-            if base is None:
-                continue
-            ratio = float(base["p50_ms"]) / float(fused["p50_ms"])
-            ratios.append(ratio)
-            target["evidence"].append(f"{fused['shape']}: {baseline} {float(base['p50_ms']):.3f} ms / fused "
-                                      f"{float(fused['p50_ms']):.3f} ms = {ratio:.2f}x")
-        return _judge(target, ratios, lambda r: r >= factor, min)
+        return _compare(target, rows, "bert-base", "full", baseline, "full",
+                        lambda fused, base: _ms(base) / _ms(fused),
+                        lambda fused, base, r: f"{baseline} {_ms(base):.3f} ms / fused {_ms(fused):.3f} ms = {r:.2f}x",
+                        lambda r: r >= factor, min)
 
     return check
 
@@ -105,32 +117,25 @@ def _memory(out: Path, rows: list[dict]) -> dict:
     target = _target("full-step-memory", "bert-base full step: fused peak memory at most a quarter of eager's "
                      "at every shape", f"<= {MEMORY_SHARE:g} (largest share)",
                      "bert-base full-step rows of the fused kernels and of torch")
-    shares = []
-    for fused in _rows(rows, preset="bert-base", provider="triton", mode="full", kernel="linear"):
-        eager = _p50(rows, "bert-base", fused["shape"], "torch", "full")
-        if eager is None or float(eager["peak_mib"]) <= 0:
-            continue
-        share = float(fused["peak_mib"]) / float(eager["peak_mib"])
-        shares.append(share)
-        target["evidence"].append(f"{fused['shape']}: fused {float(fused['peak_mib']):.1f} MiB / eager "
-                                  f"{float(eager['peak_mib']):.1f} MiB = {share:.3f}")
-    return _judge(target, shares, lambda s: s <= MEMORY_SHARE, max)
+
+    def mib(row: dict) -> float:
+        return float(row["peak_mib"])
+
+    return _compare(target, rows, "bert-base", "full", "torch", "full",
+                    lambda fused, eager: mib(fused) / mib(eager) if mib(eager) > 0 else None,
+                    lambda fused, eager, s: f"fused {mib(fused):.1f} MiB / eager {mib(eager):.1f} MiB = {s:.3f}",
+                    lambda s: s <= MEMORY_SHARE, max)
 
 
 def _bandwidth(out: Path, rows: list[dict]) -> dict:
     target = _target("large-bandwidth", "large no-grad forward: fused reads x at half a copy's bandwidth or more "
                      "(t_copy / (2 t_forward))", f">= {BANDWIDTH_SHARE:g}",
                      "the large no-grad row of the fused kernels and its copy row")
-    shares = []
-    for fused in _rows(rows, preset="large", provider="triton", mode="no-grad", kernel="linear"):
-        copy = _p50(rows, "large", fused["shape"], "copy", "forward")
-        if copy is None:
-            continue
-        share = float(copy["p50_ms"]) / (2 * float(fused["p50_ms"]))
-        shares.append(share)
-        target["evidence"].append(f"{fused['shape']}: copy {float(copy['p50_ms']):.3f} ms, fused no-grad "
-                                  f"{float(fused['p50_ms']):.3f} ms: {share:.3f} of the copy's bandwidth")
-    return _judge(target, shares, lambda s: s >= BANDWIDTH_SHARE, min)
+    return _compare(target, rows, "large", "no-grad", "copy", "forward",
+                    lambda fused, copy: _ms(copy) / (2 * _ms(fused)),
+                    lambda fused, copy, s: f"copy {_ms(copy):.3f} ms, fused no-grad {_ms(fused):.3f} ms: {s:.3f} "
+                                           "of the copy's bandwidth",
+                    lambda s: s >= BANDWIDTH_SHARE, min)
 
 
 def _roofline(out: Path, rows: list[dict]) -> dict:
