@@ -82,7 +82,7 @@ def design_traffic(
     counts = selection.resolve_k(k, k_min, torch.tensor(list(lengths), dtype=torch.int64), len(dims)).tolist()
     shape = _Shape(tokens, depth, tuple(dims), counts, selection.gram_edge(k, k_min, tokens),
                    torch.empty((), dtype=dtype).element_size(), kernel)
-    specs = [k] * len(dims) if isinstance(k, int) else list(k)
+    specs = [] if k is None else [k] * len(dims) if isinstance(k, int) else list(k)
     launches = _TORCH_FORWARD[kernel] + sum(_TORCH_PER_WIDTH[type(s)] for s in specs) + 5 + 2 * (kernel == "rbf")
     forward = _forward(shape) + Traffic(launches=launches)
     backward = _backward(shape) + Traffic(launches=_TORCH_BACKWARD + len(dims) + 2)

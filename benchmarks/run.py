@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
         preset = catalog.PRESETS[preset_name]
         shapes = [s for s in preset.shapes()
                   if (not args.batch or s.batch in args.batch) and (not args.tokens or s.tokens in args.tokens)]
+        if not shapes:
+            print(f"{preset_name:<14} no shape with batch {args.batch or 'any'} and tokens {args.tokens or 'any'}; "
+                  f"its shapes: {', '.join(map(str, preset.shapes()))}")
         for shape in shapes[:1] if args.quick else shapes:
             workload = make_workload(preset, shape, dtype=torch_dtype(dtype_name), device=device, seed=args.seed)
             new = run_workload(workload, providers, modes, kernel=args.kernel, warmup=warmup, budget=budget,

@@ -4,7 +4,6 @@ the hook for the kernels' own model, and the roofline columns of mipic-bench."""
 
 from __future__ import annotations
 
-import collections
 import sys
 import types
 
