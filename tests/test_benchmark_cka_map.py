@@ -63,5 +63,5 @@ def test_command_appends_to_its_csv(tmp_path, capsys):
     assert len(rows) == 2 and tuple(rows[0]) == bench.SCHEMA
     assert rows[0]["device"].startswith("cpu") and rows[0]["workload"] == "map-512"
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="another header"):
+    with pytest.raises(ValueError, match="does not have the header"):
         bench.main(["--workload", "map-512", "--provider", "mipic", "--repeats", "1", "--csv", str(tmp_path / "other.csv")])
