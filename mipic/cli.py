@@ -1,4 +1,4 @@
-"""``mipic train`` and ``mipic eval``."""
+"""``mipic train``, ``mipic eval`` and ``mipic cka-map``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--json", help="write {task: {width: score}} to this file")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar while encoding")
+
+    from .cka_map_cli import add_parser as add_cka_map
+
+    add_cka_map(commands)
     return parser
 
 
@@ -79,6 +83,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = train(cfg, args.output, resume=args.resume)
             print(f"model saved to {out}")
             return 0
+        if args.command == "cka-map":
+            from .cka_map_cli import run
+
+            _quiet_transformers()
+            return run(args)
 
         layers = args.layers if args.layers in (None, "all") else _int_list(args.layers)
         _quiet_transformers()

@@ -6,9 +6,12 @@ from .api import cka, nested_cka
 from .losses import NestedCKALoss
 from .mic import soft_collapse, spectral_isotropy
 from .mic_losses import SoftCollapseLoss, SpectralIsotropyLoss
+from .minibatch import MinibatchCKA
+from .pairwise import cka_matrix
 
 __all__ = [
     "cka", "nested_cka", "NestedCKALoss",
     "soft_collapse", "spectral_isotropy", "SoftCollapseLoss", "SpectralIsotropyLoss",
+    "cka_matrix", "MinibatchCKA",
 ]
 __version__ = "0.1.0"

@@ -48,10 +48,16 @@ def cka(
     """Centred kernel alignment between the rows of ``x`` and ``y``, batched.
 
     Args:
-        x: ``(*, n, p)`` floating tensor, one row per token.
-        y: ``(*, n, q)`` with the same leading dims and ``n`` as ``x``.
-        mask: optional ``(*, n)`` bool tensor, True for real rows; other rows are
-            ignored as if absent.
+        x: ``(*a, n, p)`` floating tensor, one row per token.
+        y: ``(*b, n, q)`` with the ``n`` of ``x``; the leading dims ``a`` and ``b``
+            broadcast as in torch (e.g. ``x[:, None]`` against ``y[None]`` compares
+            every input of ``x`` with every input of ``y``). Where they differ, each
+            input's Gram is formed once and every pair's statistics come from the
+            shared Grams (:func:`mipic_kernels.cka_matrix`); ``backend="triton"``
+            expands them instead.
+        mask: optional bool tensor, True for real rows; other rows are ignored as if
+            absent. ``(*, n)`` with ``*`` the (broadcast) leading dims, or any shape
+            that broadcasts to it when ``a`` and ``b`` differ.
         kernel: ``"linear"`` or ``"rbf"``.
         unbiased: use the unbiased HSIC estimator (Song et al. 2012; needs 4 rows).
         sigma: RBF bandwidth used for both Grams; None gives each Gram
@@ -61,7 +67,8 @@ def cka(
             when it is installed, else torch).
 
     Returns:
-        ``(*)`` tensor, float64 for float64 input and float32 otherwise. Entries with
+        ``(*)`` tensor (the broadcast leading dims), float64 for float64 ``x`` and
+        float32 otherwise. Entries with
         too few rows (2, or 4 for the unbiased estimator) or a side without variance
         are NaN, and only those.
 
@@ -72,10 +79,14 @@ def cka(
     """
     _check_features("x", x, min_dim=2)
     _check_features("y", y, min_dim=2)
-    if y.shape[:-1] != x.shape[:-1]:
-        raise ValueError(
-            f"y must have the leading dims and row count of x, {tuple(x.shape[:-1])} + (q,); "
-            f"got shape {tuple(y.shape)}"
+    if y.shape[-2] != x.shape[-2]:
+        raise ValueError(f"y must have the row count of x, (*, {x.shape[-2]}, q); got shape {tuple(y.shape)}")
+    if y.shape[:-2] != x.shape[:-2]:
+        from .pairwise import broadcast_cka
+
+        return broadcast_cka(
+            x, y, mask=mask, kernel=kernel, unbiased=unbiased, sigma=sigma,
+            rbf_threshold=rbf_threshold, backend=backend,
         )
     _check_same_device("y", y, x)
     mask = _check_mask(mask, x)

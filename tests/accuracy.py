@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from tests.seeding import generator
+
 
 def perturbed(inputs: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
     """Float32 copies of ``inputs`` with every entry moved by one ulp, up or down at random."""
@@ -69,3 +71,14 @@ def assert_within_float32_error(
         f"{what}: error {err.flatten()[worst]:.3g} > {bound.flatten()[worst]:.3g} at flat index {int(worst)} "
         f"(float32 reference error there {err32.flatten()[worst]:.3g})"
     )
+
+
+def value_and_grads(
+    fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], upstream_seed: int
+) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """Value and input gradients of ``fn(*inputs)`` for a random upstream gradient
+    other than 1 (a backward that only works for ones must fail)."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    value = fn(*leaves)
+    upstream = torch.rand(value.shape, generator=generator(upstream_seed)).to(value) * 2 - 0.5
+    return value.detach(), torch.autograd.grad(value, leaves, upstream)

@@ -40,7 +40,7 @@ pytest.importorskip("triton")
 import mipic_kernels as mk  # noqa: E402
 from mipic_kernels import fused, selection  # noqa: E402
 from mipic_kernels.fused import nested_cka_op  # noqa: E402
-from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
+from tests.accuracy import assert_within_float32_error, float32_runs, value_and_grads  # noqa: E402
 from tests.host_sync import HostSyncRecorder  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
 
@@ -71,21 +71,12 @@ def _mask(lead: tuple[int, ...], t: int, seed: int) -> torch.Tensor:
     return mask
 
 
-def _run(fn, x_list, upstream_seed: int):
-    """Value and input gradients of ``fn(*x_list)`` for an upstream gradient != 1."""
-    leaves = [x.detach().clone().requires_grad_() for x in x_list]
-    value = fn(*leaves)
-    upstream = torch.rand(value.shape, generator=generator(upstream_seed)).to(value) * 2 - 0.5
-    grads = torch.autograd.grad(value, leaves, upstream)
-    return value.detach(), grads
-
-
 def _compare(fn, inputs, *, seed: int):
     """Triton (float32) vs the float32 and float64 references: values and gradients."""
     dev = [x.to(DEVICE) for x in inputs]
-    value, grads = _run(lambda *a: fn(*a, backend="triton"), dev, seed)
-    runs32 = float32_runs(lambda a: _run(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=SESSION_SEED)
-    ref64, grads64 = _run(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
+    value, grads = value_and_grads(lambda *a: fn(*a, backend="triton"), dev, seed)
+    runs32 = float32_runs(lambda a: value_and_grads(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=SESSION_SEED)
+    ref64, grads64 = value_and_grads(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
     assert value.dtype == torch.float32
     assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
                                 what="value", relative=False)
@@ -153,9 +144,9 @@ def test_half_precision_inputs(opts, dtype):
         return mk.nested_cka(x, (4, 9, 24), k=[0.5, 8, 1.0], mask=mask.to(x.device),
                              detach_full=False, backend=backend, **opts)
 
-    value, (grad,) = _run(lambda a: fn(a, "triton"), [x.to(DEVICE)], 42)
-    runs32 = float32_runs(lambda a: _run(lambda b: fn(b, "torch"), a, 42), [x], seed=SESSION_SEED)
-    ref64, (grad64,) = _run(lambda a: fn(a, "torch"), [x.double()], 42)
+    value, (grad,) = value_and_grads(lambda a: fn(a, "triton"), [x.to(DEVICE)], 42)
+    runs32 = float32_runs(lambda a: value_and_grads(lambda b: fn(b, "torch"), a, 42), [x], seed=SESSION_SEED)
+    ref64, (grad64,) = value_and_grads(lambda a: fn(a, "torch"), [x.double()], 42)
     assert value.dtype == torch.float32 and grad.dtype == dtype
     assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
                                 what="value", relative=False)
@@ -202,8 +193,8 @@ def test_torch_compile_fullgraph_matches_eager():
         return (1 - v).nan_to_num(0).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
-    eager_value, (eager_grad,) = _run(loss, [x], 0)
-    value, (grad,) = _run(compiled, [x], 0)
+    eager_value, (eager_grad,) = value_and_grads(loss, [x], 0)
+    value, (grad,) = value_and_grads(compiled, [x], 0)
     torch.testing.assert_close(value, eager_value)
     torch.testing.assert_close(grad, eager_grad)
 
@@ -449,3 +440,16 @@ def test_nested_cka_loss_module(opts):
         return loss(x, scores="cls", mask=mask.to(x.device))
 
     _compare(fn, [x], seed=122)
+
+
+@pytest.mark.parametrize("opts", [OPTIONS[1], OPTIONS[3]], ids=str)
+def test_cka_with_broadcast_leading_dims(opts):
+    # backend="triton" expands the broadcast pairs; the torch backend shares the Grams.
+    x = _states(3, 11, 9, seed=130)
+    y = _states(2, 11, 6, seed=131)
+    mask = _mask((3, 2), 11, seed=132)
+
+    def fn(x, y, backend):
+        return mk.cka(x[:, None], y[None], mask=mask.to(x.device), backend=backend, **opts)
+
+    assert _compare(fn, [x, y], seed=133).shape == (3, 2)
