@@ -320,3 +320,29 @@ def test_terms_trace_without_graph_breaks(gen):
     compiled.backward()
     assert float(compiled.detach()) == pytest.approx(float(total(hidden, mask).detach()), rel=1e-6)
     assert all(h.grad is not None for h in hidden[1:])
+
+
+def test_compiled_training_step_of_an_encoder_with_the_mipic_terms_matches_eager(tiny_bert):
+    # The whole step, encoder included, in one graph: tokenising stays outside (strings).
+    encoder = Encoder.from_pretrained(tiny_bert, max_length=16).eval()  # no dropout: eager == compiled
+    texts = [t for pair in BATCH for t in pair] * 2  # two views of each sentence
+    tokens = encoder.tokenize(texts)
+    terms = [MRLLoss([8, 16, 32], 0.05), SIALoss(32, [8, 16, 32], [1, 2], k_min=2, kernel="rbf"),
+             PICLoss([[8, 1], [32, 2]])]
+    modules = torch.nn.ModuleList([encoder.model, *terms])
+
+    def step(input_ids, attention_mask):
+        out = encoder.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        batch = EncodedBatch(out.hidden_states, attention_mask.bool(), views=2, pooling="cls")
+        return torch.stack([term(batch).loss for term in terms]).sum()
+
+    def loss_and_grads(fn):
+        modules.zero_grad(set_to_none=True)
+        loss = fn(tokens["input_ids"], tokens["attention_mask"])
+        loss.backward()
+        return loss.detach(), [p.grad for p in modules.parameters() if p.grad is not None]
+
+    eager = loss_and_grads(step)
+    compiled = loss_and_grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    assert torch.isfinite(eager[0]) and all(p.grad is not None for term in terms for p in term.parameters())
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
