@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mipic.integrations.distributed import average_gradients_across_ranks
+from mipic.distributed import average_gradients_across_ranks
 
 
 def accumulated_gradients(rank: int, hooked: bool) -> list[torch.Tensor]:
