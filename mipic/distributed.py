@@ -167,6 +167,11 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV)
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun)."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
+
+
 def local_world_size() -> int:
     """The number of processes on this node (1 outside torchrun)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
