@@ -340,6 +340,8 @@ def _train(cfg: Config, output: Path, device: torch.device, ranks: Ranks, resume
                               "seconds": round(now - started, 3),
                               # Mean wall time of the optimiser steps since the previous record.
                               "step_seconds": round((now - last_time) / (step - last_step), 4)}
+                    if device.type == "cuda":  # the peak of tensors on rank 0's GPU since the start
+                        record["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                     last_time, last_step = now, step
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
