@@ -87,11 +87,11 @@ class NestedCKALoss(nn.Module):
         gaps = torch.where(defined, 1 - values, torch.zeros_like(values))
         gaps = gaps.flatten(0, -2) if gaps.dim() > 1 else gaps[None]
         total = gaps.sum(0)
-        count = defined.reshape(-1, len(self.dims)).sum(0).to(total.dtype)
-        if sum_over_processes is not None:
-            total, count = sum_over_processes(torch.stack([total, count])).unbind()
         if self.reduction == "sum":
-            return total
+            return total if sum_over_processes is None else sum_over_processes(total)
+        count = defined.reshape(-1, len(self.dims)).sum(0)
+        if sum_over_processes is not None:
+            total, count = sum_over_processes(torch.stack([total, count.to(total.dtype)])).unbind()
         return total / count.clamp(min=1)
 
     def forward(
