@@ -3,10 +3,32 @@ spawned process imports torch and the code under test only."""
 
 from __future__ import annotations
 
+import socket
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
 from mipic.distributed import average_gradients_across_ranks
+
+
+def spawn(target: Callable, args_of_rank: Callable[[int], tuple], world: int = 2, timeout: float = 300) -> None:
+    """Run ``target(*args_of_rank(rank))`` in ``world`` spawned processes and wait for
+    every one to succeed."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args_of_rank(rank)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    assert [p.exitcode for p in procs] == [0] * world
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def accumulated_gradients(rank: int, hooked: bool) -> list[torch.Tensor]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 
 import pytest
 import torch
@@ -86,22 +85,6 @@ def _cases(model: str) -> dict:
     }
 
 
-def _spawn(target, args_of_rank) -> None:
-    ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=args_of_rank(rank)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0] * WORLD
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     folder = build_tiny_model(tmp_path_factory.mktemp("bert"), "bert")
@@ -144,14 +127,14 @@ def runs(tiny_bert, sentences, tmp_path_factory) -> dict:
     train(config_from_dict(_run_config(tiny_bert, sentences)), paths["one"])
     _resume_from(paths["one"], 1, paths["fsdp_resumed"])
     work = [
-        (_run_config(tiny_bert, sentences), str(paths["two"]), False, _free_port()),
+        (_run_config(tiny_bert, sentences), str(paths["two"]), False, distributed_helpers.free_port()),
         # train.parallel may change on resume
-        (_run_config(tiny_bert, sentences, parallel="fsdp"), str(paths["fsdp_resumed"]), True, _free_port()),
+        (_run_config(tiny_bert, sentences, parallel="fsdp"), str(paths["fsdp_resumed"]), True, distributed_helpers.free_port()),
     ]
     out = folder / "gradients.pt"
     cases = _cases(tiny_bert)
-    _spawn(distributed_helpers.work_on_ranks,
-           lambda rank: (rank, WORLD, str(folder / "store"), cases, str(out), work))
+    distributed_helpers.spawn(distributed_helpers.work_on_ranks,
+                              lambda rank: (rank, WORLD, str(folder / "store"), cases, str(out), work), WORLD)
     return {"gradients": torch.load(out), **paths}
 
 
@@ -258,7 +241,7 @@ def test_torchrun_runs_mipic_train_on_two_processes(tiny_bert, sentences, tmp_pa
     cfg["train"].update(progress=True, save_every=None, epochs=1)
     config.write_text(yaml.safe_dump(cfg))
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={distributed_helpers.free_port()}",
          "-m", "mipic", "train", "--config", str(config), "--output", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=600,
     )
