@@ -10,6 +10,9 @@
 * ``mipic.train.train`` under a torchrun-like environment on two processes against one
   process, and checkpoints written by two processes resumed by one (and by one resumed
   by two under FSDP).
+* The kernels' losses with ``sum_over_processes`` (NestedCKALoss under both reductions,
+  SCR) on two halves of a batch, two threads standing for the processes, against the
+  whole batch.
 * The data each process encodes, and the refused combinations.
 
 The tiny model has no dropout, so the runs compute the same function.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -180,6 +184,82 @@ def test_two_processes_give_the_loss_and_gradients_of_one_on_the_whole_batch(cas
 def test_without_the_collectives_the_comparison_fails(case, runs, one_process):
     parts, grads = _worst_errors(runs["gradients"][case], one_process(case))
     assert parts > 1e-2 and grads > 1e-2
+
+
+def _in_two_threads(loss_of_part, parts) -> list:
+    """``loss_of_part(part, sum_over_processes)`` for both parts at once, each in a thread
+    standing for a process: the sum returns the thread's tensor plus the other thread's
+    (detached), which is what an all-reduce returns."""
+    barrier = threading.Barrier(2, timeout=60)
+    sent: list[list[torch.Tensor]] = [[], []]
+    results, errors = [None, None], []
+
+    def run(i: int) -> None:
+        def summed(t: torch.Tensor) -> torch.Tensor:
+            sent[i].append(t.detach())
+            barrier.wait()
+            return t + sent[1 - i][len(sent[i]) - 1]
+
+        try:
+            results[i] = loss_of_part(parts[i], summed)
+        except BaseException as err:  # noqa: BLE001 (re-raised below, in the test)
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_nested_cka_loss_summed_over_processes_is_the_whole_batchs(reduction, gen):
+    from mipic_kernels import NestedCKALoss, nested_cka
+
+    # 3 layers x 7 sentences split 4 + 3, 19 tokens, width 13, padding; sentence 5 has one
+    # real token (undefined entries, which the second part alone counts).
+    x = torch.randn(3, 7, 19, 13, generator=gen, dtype=torch.float64)
+    mask = torch.rand(3, 7, 19, generator=gen) < 0.8
+    mask[:, :, 0] = True
+    mask[:, 5, 1:] = False
+    loss = NestedCKALoss([3, 7, 10], weights=[0.5, 1.0, 2.0], reduction=reduction, k=[0.3, 0.6, 0.9], k_min=4)
+    whole = x.clone().requires_grad_()
+    want = loss(whole, scores="cls", mask=mask)
+    want.backward()
+    assert torch.isnan(nested_cka(x, [3, 7, 10], mask=mask, k=[0.3, 0.6, 0.9], k_min=4)[:, 4:]).any()
+    halves = (slice(0, 4), slice(4, 7))
+    parts = [(x[:, rows].clone().requires_grad_(), mask[:, rows]) for rows in halves]
+
+    def part_loss(part, summed):
+        gaps = loss.per_width(part[0], scores="cls", mask=part[1], sum_over_processes=summed)
+        return (gaps * loss.weights.to(gaps)).sum()
+
+    got = _in_two_threads(part_loss, parts)
+    for value, (rows_x, _), rows in zip(got, parts, halves):
+        torch.testing.assert_close(value, want, rtol=1e-12, atol=0)
+        value.backward()  # the other part entered detached: the gradient of this part's rows
+        torch.testing.assert_close(rows_x.grad, whole.grad[:, rows], rtol=1e-10, atol=1e-14)
+    alone = loss(x[:, :4], scores="cls", mask=mask[:, :4])  # what a missing sum would give
+    assert abs(float(alone) - float(want.detach())) > 1e-3
+
+
+def test_soft_collapse_summed_over_processes_is_the_whole_batchs(gen):
+    from mipic_kernels import SoftCollapseLoss
+
+    x = torch.randn(2, 7, 11, 10, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 7, 11, generator=gen) < 0.7
+    mask[:, :, :2] = True
+    loss = SoftCollapseLoss([3, 5, 8], tau_corr=0.05)
+    want = loss.per_width(x, mask)
+    parts = [(x[:, :4], mask[:, :4]), (x[:, 4:], mask[:, 4:])]
+    got = _in_two_threads(lambda part, summed: loss.per_width(*part, sum_over_processes=summed), parts)
+    for value in got:
+        torch.testing.assert_close(value, want, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(loss.per_width(*parts[0]), want, rtol=1e-3)
 
 
 # ------------------------------------------------------------------ whole runs
