@@ -22,6 +22,7 @@ def _int_list(text: str) -> list[int]:
 _EXAMPLES = """examples:
   mipic train --config configs/minilm-small.yaml --output runs/minilm --set train.max_steps=20
   mipic train --config configs/minilm-small.yaml --output runs/minilm --resume
+  torchrun --nproc_per_node=4 -m mipic train --config configs/bge-m3.yaml --output runs/bge
   mipic eval --model runs/minilm --task sts --data sts-dev.csv --dims 8,16,384 --json scores.json
 
 'mipic train --help' and 'mipic eval --help' list every option; docs/trainer.md has the rest."""
@@ -81,7 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .train import train
 
             out = train(cfg, args.output, resume=args.resume)
-            print(f"model saved to {out}")
+            if not _process():  # one line, from rank 0
+                print(f"model saved to {out}")
             return 0
         if args.command == "cka-map":
             from .cka_map_cli import run
@@ -103,8 +105,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             Path(args.json).write_text(json.dumps(scores, indent=2))
         return 0
     except (ValueError, FloatingPointError, argparse.ArgumentTypeError) as err:  # config, data, arguments
-        print(f"mipic {args.command}: error: {err}", file=sys.stderr)
+        where = f" (process {_process()})" if args.command == "train" and _process() is not None else ""
+        print(f"mipic {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _process() -> Optional[int]:
+    """The rank of this process under torchrun, else None."""
+    from .distributed import launch_rank, launched_by_torchrun
+
+    return launch_rank() if launched_by_torchrun() else None
 
 
 def _quiet_transformers() -> None:

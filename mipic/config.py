@@ -119,6 +119,8 @@ class TrainConfig:
     # None = train.lr. Freshly initialised, they may need more than a pretrained backbone.
     head_lr: Optional[float] = None
     weight_decay: float = 0.01
+    # The whole batch (in-batch negatives included); under torchrun each of the N processes
+    # encodes batch_size / N of it, so results match one process with this batch size.
     batch_size: int = 16
     epochs: int = 1
     # Stop after this many optimiser steps (None = run every epoch).
@@ -139,6 +141,14 @@ class TrainConfig:
     threads: Union[Literal["auto"], int] = "auto"
     # The start-up summary and a progress bar (a line per log record when not a terminal).
     progress: bool = True
+    # How the processes started by torchrun share the model: "ddp" (a full copy each,
+    # gradients averaged) or "fsdp" (FSDP2: parameters, gradients and optimiser state
+    # sharded, bf16 parameters under bf16 precision; also runs as one process).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # The process-group backend: "auto" = nccl on CUDA devices, gloo on the CPU.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Recompute each layer's activations in the backward pass instead of keeping them.
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -260,13 +260,15 @@ class Encoder(nn.Module):
         embeddings[:, order] = sorted_embeddings
         return embeddings
 
-    def save(self, folder: str | Path, dims: Sequence[int]) -> None:
+    def save(self, folder: str | Path, dims: Sequence[int], state_dict: Optional[dict] = None) -> None:
         """A folder that ``transformers.AutoModel`` and ``SentenceTransformer`` both load;
         ``mipic.json`` and the sentence-transformers config record the Matryoshka widths.
-        The base model's pipeline (Normalize, inference length, prompts) is kept."""
+        The base model's pipeline (Normalize, inference length, prompts) is kept.
+        ``state_dict``: the weights to write instead of the model's own (the gathered
+        full weights of a sharded model)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder)
+        self.model.save_pretrained(folder, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)
         meta = {"pooling": self.pooling, "matryoshka_dims": list(dims), "train_max_length": self.max_length}
         (folder / POOLING_FILE).write_text(json.dumps(meta, indent=2))

@@ -9,6 +9,13 @@ resumed run repeats the uninterrupted one.
 A run that fails removes what it created unless it wrote a checkpoint to resume from;
 then it says what it left. After a successful final save only the latest
 ``train.keep_checkpoints`` checkpoints remain.
+
+Under ``torchrun`` every process runs :func:`train`: each encodes its equal share of every
+batch (``train.batch_size`` is the whole batch), the objective is computed over the whole
+batch (:mod:`mipic.distributed`), so the loss and the averaged gradients are those of one
+process on the whole batch; the model is replicated (DDP) or sharded (FSDP2) as
+``train.parallel`` says (:mod:`mipic.parallel`). Only rank 0 writes files and logs;
+checkpoints hold full state dicts, so a run resumes under any number of processes.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import machine
+from . import distributed, machine, parallel
 from .config import Config
 from .data import load_training_examples
+from .distributed import ONE_PROCESS, Ranks
 from .encoder import Encoder
 from .objectives import Objective
 from .objectives.terms import Formula
@@ -39,17 +47,9 @@ STATE_FILE = "state.pt"
 # Configuration keys a resumed run may change: they do not touch what is computed.
 RESUMABLE_CHANGES = frozenset({
     "train.device", "train.log_every", "train.progress", "train.save_every", "train.keep_checkpoints",
-    "train.threads",
+    "train.threads", "train.parallel", "train.backend", "train.activation_checkpointing",
 })
 _BAR_KEYS = ("loss", "mrl", "sia_attention", "sia_cka", "pic", "ese", "mic_scr", "mic_sir")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but no CUDA device is available")
-    return torch.device(name)
 
 
 def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
@@ -79,19 +79,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _resume_rng(saved: list[dict], ranks: Ranks, seed: int, device: torch.device) -> None:
+    """Each process continues its own random streams (dropout masks). Under another
+    number of processes, a process without a saved stream starts a seeded one."""
+    if ranks.rank < len(saved):
+        _set_rng_state(saved[ranks.rank], device)
+    else:
+        torch.manual_seed(seed + ranks.rank)
 
 
 def checkpoints(output: Path) -> list[Path]:
@@ -145,41 +154,124 @@ def train(cfg: Config, output: str | Path, *, resume: bool = False) -> Path:
     """Train as ``cfg`` says, write metrics and checkpoints to ``output`` and the final
     model there (loadable by transformers and sentence-transformers). Returns ``output``.
     On a CPU the run uses ``train.threads`` threads (chosen from the machine's load for
-    "auto") and gives torch its previous count back at the end."""
-    device = resolve_device(cfg.train.device)
-    if device.type != "cpu":
-        return _train(cfg, Path(output), device, resume, busy_cores=None)
-    previous = torch.get_num_threads()
-    threads, busy_cores = machine.spare_threads() if cfg.train.threads == "auto" else (cfg.train.threads, None)
-    torch.set_num_threads(threads)
+    "auto", shared equally by the processes of one node) and gives torch its previous
+    count back at the end. Under ``torchrun`` every process calls it (see the module's
+    documentation); the process group it creates is destroyed at the end."""
+    t = cfg.train
+    device = distributed.process_device(t.device)
+    ranks, joined = distributed.join(t.backend, device, needs_group=t.parallel == "fsdp")
     try:
-        return _train(cfg, Path(output), device, resume, busy_cores)
+        if device.type != "cpu":
+            return _train(cfg, Path(output), device, ranks, resume, busy_cores=None)
+        previous = torch.get_num_threads()
+        if t.threads == "auto":
+            spare, busy_cores = machine.spare_threads()
+            threads = max(1, spare // distributed.local_world_size())
+        else:
+            threads, busy_cores = t.threads, None
+        torch.set_num_threads(threads)
+        try:
+            return _train(cfg, Path(output), device, ranks, resume, busy_cores)
+        finally:
+            torch.set_num_threads(previous)
     finally:
-        torch.set_num_threads(previous)
+        if joined:
+            distributed.leave(ranks)
 
 
-def _train(cfg: Config, output: Path, device: torch.device, resume: bool, busy_cores: Optional[float]) -> Path:
+def check_parallel(cfg: Config, device: torch.device, world_size: int, autocast_dtype: Optional[torch.dtype]) -> None:
+    """Refuse combinations of the configuration, the device and the number of processes
+    that cannot run, before the model loads."""
+    t = cfg.train
+    if t.batch_size % world_size:
+        raise ValueError(
+            f"the world size {world_size} must divide train.batch_size {t.batch_size}: it is the whole batch, "
+            f"split evenly over the processes (e.g. train.batch_size={_next_multiple(t.batch_size, world_size)})"
+        )
+    if t.parallel == "fsdp" and autocast_dtype == torch.float16:
+        raise ValueError("train.parallel fsdp runs in bf16 or fp32, and this run's precision is fp16 (train.precision "
+                         f"{t.precision!r}); set train.precision to fp32, or bf16 on a GPU that supports it")
+    if cfg.objective.method == "mipic" and cfg.objective.sia.backend == "triton":
+        from mipic_kernels import fused
+
+        try:
+            fused.check_usable(torch.empty(0, device=device))
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"objective.sia.backend triton cannot run on {device}: {err}") from None
+
+
+def _next_multiple(value: int, factor: int) -> int:
+    return -(-value // factor) * factor
+
+
+def build_modules(
+    cfg: Config, device: torch.device, ranks: Ranks = ONE_PROCESS, *, dtype: Optional[torch.dtype] = None,
+) -> tuple[parallel.TrainedModules, torch.nn.Module]:
+    """The encoder and objective of ``cfg`` on ``device`` in training mode, and the module
+    the loop calls: wrapped for the processes as ``train.parallel`` says. ``dtype``: the
+    parameters' dtype (default: as loaded; float64 compares runs beyond float32 noise)."""
+    t = cfg.train
+    with ranks.main_first():  # a hub model is downloaded once
+        encoder = Encoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.max_length, what="model.name")
+    objective = Objective(cfg.objective, cfg.model.dims, encoder.hidden_size, encoder.num_layers)
+    encoder.to(device, dtype).train()
+    objective.to(device, dtype).train()
+    if t.activation_checkpointing:
+        parallel.checkpoint_activations(encoder)
+    module = parallel.TrainedModules(encoder, objective, ranks)
+    low = torch.bfloat16 if resolve_precision(t.precision, device) == torch.bfloat16 else None
+    return module, parallel.wrap(module, t.parallel, device, low)
+
+
+def accumulate_gradients(
+    wrapped: torch.nn.Module, ranks: Ranks, batches: Sequence[Sequence[tuple[str, ...]]], *,
+    autocast_dtype: Optional[torch.dtype] = None, scaler: Optional[torch.amp.GradScaler] = None, step: int = 0,
+) -> dict[str, float]:
+    """Forward and backward of one optimiser step's micro-batches (each a whole batch, of
+    which this process encodes its share), the gradients accumulated as their mean.
+    Returns the mean of every logged part over the micro-batches (the whole batch's)."""
+    sums: dict[str, float] = {}
+    device_type = next(wrapped.parameters()).device.type
+    for micro, batch in enumerate(batches):
+        with parallel.accumulating(wrapped, last=micro == len(batches) - 1):
+            context = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+            with context:
+                loss, parts = wrapped(ranks.shard(batch))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is not finite at step {step + 1}: {_floats(parts)}")
+            loss = loss / len(batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + float(value) / len(batches)
+    return sums
+
+
+def _train(cfg: Config, output: Path, device: torch.device, ranks: Ranks, resume: bool,
+           busy_cores: Optional[float]) -> Path:
     t = cfg.train
     autocast_dtype = resolve_precision(t.precision, device)
+    check_parallel(cfg, device, ranks.world_size, autocast_dtype)
     seed_everything(t.seed)
 
-    examples = load_training_examples(cfg)
+    with ranks.main_first():  # a hub dataset is downloaded once
+        examples = load_training_examples(cfg)
     if len(examples) < t.batch_size * t.grad_accum:
         raise ValueError(
             f"the data has {len(examples)} examples, fewer than one optimiser step needs "
             f"(train.batch_size {t.batch_size} x train.grad_accum {t.grad_accum})"
         )
-    if resume and latest_checkpoint(output) is None:
+    found = ranks.from_main(latest_checkpoint(output)) if resume else None
+    if resume and found is None:
         raise ValueError(f"--resume: no checkpoint under {output / CHECKPOINTS}")
-    encoder = Encoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.max_length, what="model.name")
-    objective = Objective(cfg.objective, cfg.model.dims, encoder.hidden_size, encoder.num_layers)
-    encoder.to(device).train()
-    objective.to(device).train()
+    module, wrapped = build_modules(cfg, device, ranks)
+    encoder, objective = module.encoder, module.objective
+    if ranks.rank:  # each process draws its own dropout masks
+        torch.manual_seed(t.seed + ranks.rank)
 
     batches = _Batches(examples, t.batch_size, t.seed)
     steps_per_epoch = batches.per_epoch // t.grad_accum
     total = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
-    params = [p for p in list(encoder.parameters()) + list(objective.parameters()) if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     backbone = [p for p in encoder.parameters() if p.requires_grad]
     heads = [p for p in objective.parameters() if p.requires_grad]
     head_lr = t.lr if t.head_lr is None else t.head_lr
@@ -195,73 +287,81 @@ def _train(cfg: Config, output: Path, device: torch.device, resume: bool, busy_c
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     step = 0
+    resumed_from = None
     if resume:
-        found = latest_checkpoint(output)
-        state = torch.load(found / STATE_FILE, map_location=device, weights_only=False)
+        try:
+            state = torch.load(found / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+        except FileNotFoundError:
+            raise ValueError(f"--resume: process {ranks.rank} cannot read {found / STATE_FILE}: on several nodes "
+                             "the output folder must be on a filesystem every node sees") from None
+        if not isinstance(state.get("rng"), list):
+            raise ValueError(f"--resume: {found} was written by an earlier version of mipic train, whose "
+                             "checkpoints this version cannot resume; start the run again")
         _check_same_run(state["config"], cfg.to_dict(), found)
-        encoder.model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_full_state(module, optimizer, state["model"], state["objective"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        _resume_rng(state["rng"], ranks, t.seed, device)
         step = state["step"]
-    if t.progress:
+        resumed_from = len(state["rng"])
+    main = ranks.is_main
+    if t.progress and main:
         print(startup_summary(cfg, output, encoder, objective, examples=len(examples), total=total,
                               steps_per_epoch=steps_per_epoch, device=device, autocast_dtype=autocast_dtype,
-                              start=step, busy_cores=busy_cores), flush=True)
+                              start=step, busy_cores=busy_cores, ranks=ranks, resumed_from=resumed_from), flush=True)
 
-    files = _RunFiles(output, resume)
+    files = _RunFiles(output, resume) if main else None
     try:
-        if not resume:
-            (output / METRICS_FILE).unlink(missing_ok=True)
-        (output / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        progress = _Progress(total, step, t.progress)
+        if main:
+            if not resume:
+                (output / METRICS_FILE).unlink(missing_ok=True)
+            (output / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        progress = _Progress(total, step, t.progress and main)
         started = last_time = time.perf_counter()
         last_step = step
-        with open(output / METRICS_FILE, "a", encoding="utf-8") as metrics:
+        with open(output / METRICS_FILE, "a", encoding="utf-8") if main else nullcontext() as metrics:
             while step < total:
                 optimizer.zero_grad(set_to_none=True)
-                sums: dict[str, float] = {}
-                for micro in range(t.grad_accum):
-                    batch = batches[step * t.grad_accum + micro]
-                    context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-                    with context:
-                        loss, parts = objective(encoder, batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"the loss is not finite at step {step + 1}: {_floats(parts)}")
-                    scaler.scale(loss / t.grad_accum).backward()
-                    for key, value in parts.items():
-                        sums[key] = sums.get(key, 0.0) + float(value) / t.grad_accum
+                micro_batches = [batches[step * t.grad_accum + micro] for micro in range(t.grad_accum)]
+                sums = accumulate_gradients(wrapped, ranks, micro_batches, autocast_dtype=autocast_dtype,
+                                            scaler=scaler, step=step)
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+                grad_norm = parallel.clip_gradients(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
                 lr = scheduler.get_last_lr()[0]
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 step += 1
                 record = None
-                if step % t.log_every == 0 or step == total:
+                if main and (step % t.log_every == 0 or step == total):
                     now = time.perf_counter()
                     record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
-                              "grad_norm": float(grad_norm), **sums,
+                              "grad_norm": grad_norm, **sums,
                               "seconds": round(now - started, 3),
                               # Mean wall time of the optimiser steps since the previous record.
                               "step_seconds": round((now - last_time) / (step - last_step), 4)}
+                    if device.type == "cuda":  # the peak of tensors on rank 0's GPU since the start
+                        record["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                     last_time, last_step = now, step
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                 progress.update(step, sums, record)
                 if t.save_every and step % t.save_every == 0 and step < total:
-                    _save_checkpoint(output, step, cfg, encoder, objective, optimizer, scheduler, scaler)
-                    files.checkpointed = True
-                    prune_checkpoints(output, None if t.keep_checkpoints is None else max(t.keep_checkpoints, 1))
+                    _save_checkpoint(output, step, cfg, module, optimizer, scheduler, scaler, ranks, device)
+                    if main:
+                        files.checkpointed = True
+                        prune_checkpoints(output, None if t.keep_checkpoints is None else max(t.keep_checkpoints, 1))
         progress.close()
-        encoder.save(output, cfg.model.dims)
+        full_model = parallel.full_model_state(module)
+        if main:
+            encoder.save(output, cfg.model.dims, state_dict=full_model)
+        ranks.barrier()  # the model is written before any process returns
     except BaseException:
-        files.after_failure()
+        if files is not None:
+            files.after_failure()
         raise
-    prune_checkpoints(output, t.keep_checkpoints)
+    if main:
+        prune_checkpoints(output, t.keep_checkpoints)
     return output
 
 
@@ -297,15 +397,20 @@ class _RunFiles:
 def startup_summary(
     cfg: Config, output: Path, encoder: Encoder, objective: Objective, *, examples: int, total: int,
     steps_per_epoch: int, device: torch.device, autocast_dtype: Optional[torch.dtype], start: int = 0,
-    busy_cores: Optional[float] = None,
+    busy_cores: Optional[float] = None, ranks: Ranks = ONE_PROCESS, resumed_from: Optional[int] = None,
 ) -> str:
     """What the run is about to do, one line per part: model, widths, objective, data,
-    steps, device and load, saving. ``busy_cores``: what other processes used when the
-    threads were chosen."""
+    steps, device and load, processes, saving. ``busy_cores``: what other processes used
+    when the threads were chosen; ``resumed_from``: the number of processes that wrote
+    the checkpoint resumed."""
     m, t = cfg.model, cfg.train
     config = encoder.model.config
     n_params = sum(p.numel() for p in encoder.model.parameters())
     lines = [f"mipic train -> {output.resolve()}" + (f" (resuming at step {start})" if start else "")]
+    if resumed_from is not None and resumed_from != ranks.world_size:
+        lines[0] += (f"; the checkpoint was written by {resumed_from} process{'es' if resumed_from > 1 else ''} and "
+                     f"this run has {ranks.world_size}: the data order and optimiser state continue, dropout masks "
+                     "are drawn anew")
     lines.append(f"  model      {m.name} ({config.model_type}, {encoder.num_layers} layers, width "
                  f"{encoder.hidden_size}, {n_params:,} parameters); pooling {encoder.pooling}, "
                  f"texts cut at {encoder.max_length} tokens")
@@ -332,12 +437,33 @@ def startup_summary(
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         where = f"{device} ({name}), {precision}"
     lines.append(f"  device     {where}")
+    if ranks.group is not None:
+        lines.append(f"  processes  {_describe_processes(cfg, ranks, autocast_dtype)}")
+    elif t.activation_checkpointing:
+        lines.append("  memory     activation checkpointing")
     if t.save_every:
         keep = {None: "all kept", 0: "deleted once the final model is saved"}.get(
             t.keep_checkpoints, f"the latest {t.keep_checkpoints} kept after the final model")
         lines.append(f"  saves      a checkpoint every {t.save_every} steps to {output / CHECKPOINTS}; {keep}")
     lines.append(f"  metrics    every {t.log_every} steps to {output / METRICS_FILE}")
     return "\n".join(lines)
+
+
+def _describe_processes(cfg: Config, ranks: Ranks, autocast_dtype: Optional[torch.dtype]) -> str:
+    t = cfg.train
+    world, local = ranks.world_size, distributed.local_world_size()
+    nodes = max(world // local, 1)
+    backend = torch.distributed.get_backend(ranks.group)
+    text = (f"{world} on {nodes} node{'s' if nodes > 1 else ''}, {backend}; each encodes "
+            f"{t.batch_size // world} of the {t.batch_size} examples of a batch; ")
+    if t.parallel == "fsdp":
+        low = "bf16 parameters, float32 gradient reduction" if autocast_dtype == torch.bfloat16 else "float32"
+        text += f"FSDP2 (parameters, gradients and optimiser state sharded; {low})"
+    else:
+        text += "DDP (a full copy each, gradients averaged)"
+    if t.activation_checkpointing:
+        text += "; activation checkpointing"
+    return text
 
 
 def _describe_objective(cfg: Config, objective: Objective, encoder: Encoder, device: torch.device) -> str:
@@ -368,22 +494,27 @@ def _formula(formula: Formula) -> str:
     return " + ".join(terms)
 
 
-def _save_checkpoint(output, step, cfg, encoder, objective, optimizer, scheduler, scaler) -> None:
-    folder = output / CHECKPOINTS / f"step-{step}"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "config": cfg.to_dict(),
-        "model": encoder.model.state_dict(),
-        "objective": objective.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": _rng_state(),
-    }
-    partial = folder / (STATE_FILE + ".partial")
-    torch.save(state, partial)
-    partial.replace(folder / STATE_FILE)  # a crash mid-write never leaves a truncated checkpoint
+def _save_checkpoint(output, step, cfg, module, optimizer, scheduler, scaler, ranks: Ranks, device) -> None:
+    """Every process takes part (the state is gathered to rank 0, which writes it)."""
+    model, objective, optimizer_state = parallel.full_state(module, optimizer)
+    rng = ranks.collect(_rng_state(device))
+    if ranks.is_main:
+        folder = output / CHECKPOINTS / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "config": cfg.to_dict(),
+            "model": model,
+            "objective": objective,
+            "optimizer": optimizer_state,  # keyed by parameter name: loads under any number of processes
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng,  # one entry per process
+        }
+        partial = folder / (STATE_FILE + ".partial")
+        torch.save(state, partial)
+        partial.replace(folder / STATE_FILE)  # a crash mid-write never leaves a truncated checkpoint
+    ranks.barrier()
 
 
 def _check_same_run(saved: dict, now: dict, checkpoint: Path) -> None:

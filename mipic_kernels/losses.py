@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -73,17 +73,25 @@ class NestedCKALoss(nn.Module):
         )
 
     def per_width(
-        self, x: torch.Tensor, scores: ScoresSpec = None, mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, scores: ScoresSpec = None, mask: Optional[torch.Tensor] = None, *,
+        sum_over_processes: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """``reduce(1 - CKA_i)`` for each width, ``(len(dims),)``, unweighted."""
+        """``reduce(1 - CKA_i)`` for each width, ``(len(dims),)``, unweighted.
+
+        ``sum_over_processes``: under data parallelism, a function that sums a tensor
+        over the processes holding the other entries (a differentiable all-reduce);
+        the reduction then runs over every process's entries, the defined ones counted
+        on all of them."""
         values = nested_cka(x, self.dims, scores=scores, mask=mask, **self.options)
         defined = ~torch.isnan(values)
         gaps = torch.where(defined, 1 - values, torch.zeros_like(values))
         gaps = gaps.flatten(0, -2) if gaps.dim() > 1 else gaps[None]
         total = gaps.sum(0)
         if self.reduction == "sum":
-            return total
+            return total if sum_over_processes is None else sum_over_processes(total)
         count = defined.reshape(-1, len(self.dims)).sum(0)
+        if sum_over_processes is not None:
+            total, count = sum_over_processes(torch.stack([total, count.to(total.dtype)])).unbind()
         return total / count.clamp(min=1)
 
     def forward(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ def soft_collapse(
     mask: Optional[torch.Tensor] = None,
     tau_corr: float = 0.1,
     lambda_var: float = 1.0,
+    sum_over_processes: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Soft collapse regularisation (SCR) of every width prefix against its residual.
 
@@ -72,6 +73,11 @@ def soft_collapse(
             correlation penalty) and still count in the raw deviations.
         tau_corr: correlations up to this magnitude cost nothing (``>= 0``).
         lambda_var: weight of the variance hinge (``>= 0``).
+        sum_over_processes: under data parallelism, a function that sums a tensor over
+            the processes holding the batch's other examples (a differentiable
+            all-reduce). The correlation's mean over examples and the raw deviations
+            then run over every process's examples: each process gets the value of the
+            whole batch.
 
     Returns:
         ``(*, len(dims))``, float64 for float64 input and float32 otherwise.
@@ -100,10 +106,16 @@ def soft_collapse(
     std = (centred.square().sum(-2, keepdim=True) / count.clamp(min=1) + VARIANCE_EPS).sqrt()
     # sum over tokens of z_u z_v is then the example's mean over its tokens
     z = centred / std / count.clamp(min=1).sqrt()
-    examples = (count >= 2).to(dtype).sum((-3, -2, -1))  # (*)
+    examples = (count >= 2).to(dtype).sum((-3, -2), keepdim=True)[..., 0]  # (*, 1, 1)
     # Every block C[:d, d:] lies in the first d_max rows: one (d_max, D) product serves all.
     top = z[..., : dims[-1]]
-    corr = torch.einsum("...btu,...btv->...uv", top, z) / examples[..., None, None].clamp(min=1)
+    products = torch.einsum("...btu,...btv->...uv", top, z)
+    weight_tokens = weight.sum((-3, -2), keepdim=True)  # (*, 1, 1, 1)
+    token_sums = h.sum((-3, -2), keepdim=True)  # (*, 1, 1, D)
+    if sum_over_processes is not None:
+        products, examples, weight_tokens, token_sums = _summed(
+            sum_over_processes, products, examples, weight_tokens, token_sums)
+    corr = products / examples.clamp(min=1)
     penalty = F.relu(corr.abs() - tau_corr).square()
     rows = torch.tensor([d - 1 for d in dims], device=x.device)
     cols = torch.tensor(dims, device=x.device)
@@ -112,9 +124,12 @@ def soft_collapse(
     widths = torch.tensor(dims, dtype=dtype, device=x.device)
     penalty_mean = block_sums / (widths * (depth - widths))
 
-    tokens = weight.sum((-3, -2), keepdim=True).clamp(min=1)  # (*, 1, 1, 1)
-    raw_mean = h.sum((-3, -2), keepdim=True) / tokens
-    raw_var = (((h - raw_mean) * weight).square().sum((-3, -2), keepdim=True) / tokens)[..., 0, 0, :]
+    tokens = weight_tokens.clamp(min=1)
+    raw_mean = token_sums / tokens
+    squares = ((h - raw_mean) * weight).square().sum((-3, -2), keepdim=True)
+    if sum_over_processes is not None:
+        squares = sum_over_processes(squares)
+    raw_var = (squares / tokens)[..., 0, 0, :]
     hinge = F.relu(1 - (raw_var + VARIANCE_EPS).sqrt())  # (*, D)
     prefix_hinge = hinge.cumsum(-1)[..., rows] / widths
     residual_hinge = _suffix_cumsum(hinge)[..., cols] / (depth - widths)
@@ -169,6 +184,12 @@ def spectral_isotropy(
     logits = torch.where(off_diagonal, -2 * t * (1 - cos), -math.inf)
     uniformity = torch.logsumexp(logits.flatten(-2), -1) - math.log(n * (n - 1))
     return 0.5 * (cv + uniformity)
+
+
+def _summed(sum_over_processes: Callable[[torch.Tensor], torch.Tensor], *parts: torch.Tensor) -> list[torch.Tensor]:
+    """Every part summed over the processes, in one collective."""
+    flat = sum_over_processes(torch.cat([p.reshape(-1) for p in parts]))
+    return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts)]
 
 
 def _suffix_cumsum(t: torch.Tensor) -> torch.Tensor:

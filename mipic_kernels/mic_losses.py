@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -51,14 +51,22 @@ class SoftCollapseLoss(_WidthReduced):
         self.tau_corr = _check_number("tau_corr", tau_corr, minimum=0.0)
         self.lambda_var = _check_number("lambda_var", lambda_var, minimum=0.0)
 
-    def per_width(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """SCR per width ``(len(dims),)``, reduced over the leading dims of ``x (*, B, T, D)``."""
-        values = soft_collapse(x, self.dims, mask=mask, tau_corr=self.tau_corr, lambda_var=self.lambda_var)
+    def per_width(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+        sum_over_processes: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """SCR per width ``(len(dims),)``, reduced over the leading dims of ``x (*, B, T, D)``;
+        ``sum_over_processes`` as in :func:`mipic_kernels.soft_collapse`."""
+        values = soft_collapse(x, self.dims, mask=mask, tau_corr=self.tau_corr, lambda_var=self.lambda_var,
+                               sum_over_processes=sum_over_processes)
         return self._reduce_leading(values)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+        sum_over_processes: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> torch.Tensor:
         """The scalar loss for token states ``x (*, B, T, D)`` and real-token ``mask (*, B, T)``."""
-        return self._reduce_widths(self.per_width(x, mask))
+        return self._reduce_widths(self.per_width(x, mask, sum_over_processes=sum_over_processes))
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}, tau_corr={self.tau_corr}, lambda_var={self.lambda_var}, reduction={self.reduction!r}"

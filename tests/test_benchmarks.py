@@ -326,3 +326,21 @@ def test_cli_on_cuda_times_torch_and_reports_triton(tmp_path) -> None:
     rows = records.read_rows(tmp_path / records.CSV_NAME)
     assert {r["provider"] for r in rows} >= {"torch"} and all(r["timer"].startswith("cuda") for r in rows)
     assert all(r["dtype"] == "bf16" for r in rows)
+
+
+# ------------------------------------------------------------------ data-parallel runs
+
+def test_data_parallel_runs_are_named_and_launched_as_documented(tmp_path):
+    from benchmarks.data_parallel import command, main, parse_run
+
+    assert parse_run("plain") == ("plain", 1) and parse_run("fsdp:4") == ("fsdp", 4)
+    for bad in ("ddp", "ddp:0", "zero:2", "ddp:x"):
+        with pytest.raises(ValueError, match="a run is 'plain' or MODE:N"):
+            parse_run(bad)
+    plain = command("plain", "c.yaml", tmp_path, ["train.lr=1e-4"], steps=5, threads=1, port=1234)
+    assert plain[:4] == [sys.executable, "-m", "mipic", "train"] and "train.parallel=ddp" not in plain
+    two = command("fsdp:2", "c.yaml", tmp_path, [], steps=5, threads=1, port=1234)
+    assert two[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=1234"]
+    assert "train.parallel=fsdp" in two and "train.max_steps=5" in two and "train.log_every=1" in two
+    with pytest.raises(SystemExit):  # refused before any run starts
+        main(["--config", "c.yaml", "--runs", "plain", "ddp"])

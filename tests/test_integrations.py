@@ -228,14 +228,8 @@ def test_trainer_swaps_in_a_ddp_wrapper(tiny_folder, tmp_path, one_process_group
 
 def test_loss_parameters_average_their_gradients_over_ranks(tmp_path):
     outputs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=distributed_helpers.average_on_two_ranks, args=(r, str(tmp_path / "store"), outputs[r]))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert all(p.exitcode == 0 for p in procs)
+    distributed_helpers.spawn(distributed_helpers.average_on_two_ranks,
+                              lambda r: (r, str(tmp_path / "store"), outputs[r]), timeout=120)
     got = [torch.load(o) for o in outputs]
     # The mean over ranks of each rank's own accumulated gradient, computed here without hooks.
     local = [distributed_helpers.accumulated_gradients(rank, hooked=False) for rank in range(2)]

@@ -195,7 +195,7 @@ def test_checkpoints_roll_during_the_run(tiny_bert, sentences, tmp_path, monkeyp
 
 def test_a_run_that_fails_before_a_checkpoint_removes_what_it_created(tiny_bert, sentences, tmp_path,
                                                                       monkeypatch, capsys):
-    def broken_save(self, folder, dims):
+    def broken_save(self, folder, dims, state_dict=None):
         raise OSError("disk full")
 
     monkeypatch.setattr(Encoder, "save", broken_save)
@@ -214,7 +214,7 @@ def test_a_run_that_fails_before_a_checkpoint_removes_what_it_created(tiny_bert,
 
 
 def test_a_run_that_fails_after_a_checkpoint_says_what_it_left(tiny_bert, sentences, tmp_path, monkeypatch, capsys):
-    def interrupted_save(self, folder, dims):
+    def interrupted_save(self, folder, dims, state_dict=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Encoder, "save", interrupted_save)

@@ -19,7 +19,7 @@ from transformers import Trainer
 
 from ..objectives.relational import RelationalLoss
 from ..objectives.terms import POOLINGS, EncodedBatch
-from .distributed import average_gradients_across_ranks, is_distributed
+from ..distributed import average_gradients_across_ranks, is_distributed
 
 STATE_FILE = "mipic_relational.pt"
 

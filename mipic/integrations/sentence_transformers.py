@@ -24,7 +24,7 @@ from torch import nn
 
 from ..objectives.relational import RelationalLoss
 from ..objectives.terms import EncodedBatch
-from .distributed import average_gradients_across_ranks, is_distributed
+from ..distributed import average_gradients_across_ranks, is_distributed
 
 COLUMNS = ("all", "anchor")
 _ST_POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last"}

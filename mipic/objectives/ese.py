@@ -39,7 +39,8 @@ class ESELoss(nn.Module):
         if batch.views < 2:
             raise ValueError("ESELoss needs 2 or 3 views (anchor, positive[, negative]); the batch has 1")
         pooled = {l: batch.view_pooled(l) for l in self.layers}
-        per_layer = [matryoshka_info_nce(self.dims, self.temperature, *pooled[l]).sum() for l in self.layers]
+        per_layer = [matryoshka_info_nce(self.dims, self.temperature, *pooled[l], ranks=batch.ranks).sum()
+                     for l in self.layers]
         loss = torch.stack(per_layer).mean()
         return TermOutput(loss, {"ese": loss}, {})
 

@@ -58,7 +58,11 @@ class MICLoss(nn.Module):
         states = torch.stack([batch.anchor_states(l) for l in self.layers])  # (L, B, T, D)
         mask = batch.anchor_mask.expand(len(self.layers), *batch.anchor_mask.shape)
         pooled = torch.stack([batch.anchor_pooled(l, "mean") for l in self.layers])  # (L, B, D)
-        parts = {"mic_scr": self.scr(states, mask), "mic_sir": self.sir(pooled)}
+        # Batch statistics: under data parallelism SCR sums its statistics over the
+        # processes and SIR reads every process's pooled rows, so both are the whole batch's.
+        ranks = batch.ranks
+        parts = {"mic_scr": self.scr(states, mask, sum_over_processes=ranks.sum_over_processes),
+                 "mic_sir": self.sir(ranks.gather(pooled, dim=-2))}
         return TermOutput(parts["mic_scr"] + parts["mic_sir"], parts, {})
 
     def get_config_dict(self) -> dict[str, Any]:

@@ -8,20 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import ONE_PROCESS, Ranks
 from . import citations
-from .terms import EncodedBatch, TermOutput
+from .terms import EncodedBatch, TermOutput, loss_dtype
 
 
 def info_nce(
-    anchor: torch.Tensor, positive: torch.Tensor, temperature: float, negative: Optional[torch.Tensor] = None
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    temperature: float,
+    negative: Optional[torch.Tensor] = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> torch.Tensor:
     """Mean cross-entropy of picking row i of ``positive`` for row i of ``anchor`` among every
-    positive of the batch (and every hard ``negative``), by cosine similarity / temperature."""
-    a = F.normalize(anchor.float(), dim=-1)
-    candidates = positive if negative is None else torch.cat([positive, negative])
-    logits = a @ F.normalize(candidates.float(), dim=-1).T / temperature
-    labels = torch.arange(a.shape[0], device=a.device)
-    return F.cross_entropy(logits, labels)
+    positive of the batch (and every hard ``negative``), by cosine similarity / temperature.
+
+    Under data parallelism (``ranks`` of several processes, each passing its own rows) the
+    candidates are every process's positives, then every process's negatives, as in one
+    process on the concatenated batch, and the mean runs over every process's anchors."""
+    return matryoshka_info_nce([anchor.shape[-1]], temperature, anchor, positive, negative, ranks)[0]
 
 
 def matryoshka_info_nce(
@@ -30,12 +35,27 @@ def matryoshka_info_nce(
     anchor: torch.Tensor,
     positive: torch.Tensor,
     negative: Optional[torch.Tensor] = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> torch.Tensor:
     """:func:`info_nce` of the prefixes ``[..., :d]`` for every width, ``(len(dims),)``."""
-    return torch.stack([
-        info_nce(anchor[:, :d], positive[:, :d], temperature, None if negative is None else negative[:, :d])
+    candidates = ranks.gather(positive if negative is None else torch.cat([positive, negative], -1))
+    if negative is not None:  # every positive before every negative, as in one process
+        candidates = torch.cat(candidates.split(positive.shape[-1], -1))
+    sums = torch.stack([
+        info_nce_sum(anchor[:, :d], candidates[:, :d], temperature, first=ranks.rank * anchor.shape[0])
         for d in dims
     ])
+    return ranks.mean(sums, anchor.shape[0])
+
+
+def info_nce_sum(anchor: torch.Tensor, candidates: torch.Tensor, temperature: float, first: int = 0) -> torch.Tensor:
+    """The sum over the rows of ``anchor`` of the cross-entropy of picking row ``first + i``
+    of ``candidates`` for row ``i``, by cosine similarity / temperature."""
+    dtype = loss_dtype(anchor, candidates)
+    a = F.normalize(anchor.to(dtype), dim=-1)
+    logits = a @ F.normalize(candidates.to(dtype), dim=-1).T / temperature
+    labels = torch.arange(first, first + a.shape[0], device=a.device)
+    return F.cross_entropy(logits, labels, reduction="sum")
 
 
 class MRLLoss(nn.Module):
@@ -66,16 +86,18 @@ class MRLLoss(nn.Module):
         self.register_buffer("weights", torch.tensor(weights), persistent=False)
 
     def per_width(
-        self, anchor: torch.Tensor, positive: torch.Tensor, negative: Optional[torch.Tensor] = None
+        self, anchor: torch.Tensor, positive: torch.Tensor, negative: Optional[torch.Tensor] = None,
+        ranks: Ranks = ONE_PROCESS,
     ) -> torch.Tensor:
-        """Unweighted InfoNCE per width ``(len(dims),)`` of pooled ``(B, D)`` embeddings."""
-        return matryoshka_info_nce(self.dims, self.temperature, anchor, positive, negative)
+        """Unweighted InfoNCE per width ``(len(dims),)`` of pooled ``(B, D)`` embeddings
+        (of the whole batch under data parallelism, see :func:`info_nce`)."""
+        return matryoshka_info_nce(self.dims, self.temperature, anchor, positive, negative, ranks)
 
     def forward(self, batch: EncodedBatch) -> TermOutput:
         if batch.views < 2:
             raise ValueError("MRLLoss needs 2 or 3 views (anchor, positive[, negative]); the batch has 1")
         views = batch.view_pooled(batch.num_layers)
-        per_width = self.per_width(*views)
+        per_width = self.per_width(*views, ranks=batch.ranks)
         loss = (per_width * self.weights).sum()
         return TermOutput(loss, {"mrl": loss}, {f"mrl@{d}": v for d, v in zip(self.dims, per_width)})
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ObjectiveConfig
+from ..distributed import ONE_PROCESS, Ranks
 from ..encoder import Encoder
 from .ese import ESELoss
 from .mic import MICLoss
@@ -78,14 +79,19 @@ class Objective(nn.Module):
         self.terms = nn.ModuleDict(terms)
         self.formula: Formula = formula
 
-    def forward(self, encoder: Encoder, batch: Sequence[tuple[str, ...]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one batch of examples (1, 2 or 3 texts each) and its parts (detached)."""
+    def forward(
+        self, encoder: Encoder, batch: Sequence[tuple[str, ...]], ranks: Ranks = ONE_PROCESS,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch of examples (1, 2 or 3 texts each) and its parts (detached).
+        Under data parallelism ``batch`` is this process's part and ``ranks`` the processes
+        holding the others: the loss and parts are then the whole batch's, on every process."""
         views = len(batch[0])
         columns = [[ex[i] for ex in batch] for i in range(views)]
         if views == 1:  # SimCSE: the same sentences twice; dropout makes the two views differ
             columns = columns * 2
         enc = encoder([t for col in columns for t in col])
-        return self.combine(EncodedBatch(enc.hidden, enc.mask, views=len(columns), pooling=encoder.pooling))
+        return self.combine(EncodedBatch(enc.hidden, enc.mask, views=len(columns), pooling=encoder.pooling,
+                                         ranks=ranks))
 
     def combine(self, batch: EncodedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Every term on ``batch``, the formula over their parts, and everything to log (detached)."""

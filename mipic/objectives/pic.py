@@ -12,8 +12,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..distributed import ONE_PROCESS, Ranks
 from . import citations
-from .mrl import info_nce
+from .mrl import info_nce_sum
 from .terms import EncodedBatch, TermOutput
 
 AGGREGATIONS = ("mean", "sum")
@@ -51,17 +52,19 @@ class PICLoss(nn.Module):
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted({l for _, l in self.chain}))
 
-    def links(self, pooled: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """Per-link losses ``(len(chain) - 1,)`` from pooled states ``{layer: (B, D)}``."""
-        losses = []
+    def links(self, pooled: Mapping[int, torch.Tensor], ranks: Ranks = ONE_PROCESS) -> torch.Tensor:
+        """Per-link losses ``(len(chain) - 1,)`` from pooled states ``{layer: (B, D)}``
+        (of the whole batch under data parallelism: the targets are every process's)."""
+        targets = {l: ranks.gather(pooled[l].detach()) for _, l in self.chain[1:]}
+        sums = []
         for head, (d_in, l_in), (d_out, l_out) in zip(self.heads, self.chain, self.chain[1:]):
-            source = pooled[l_in][:, :d_in].float()
-            target = pooled[l_out][:, :d_out].float().detach()
-            losses.append(info_nce(head(source), target, self.temperature))
-        return torch.stack(losses)
+            source = pooled[l_in][:, :d_in].to(head[0].weight.dtype)
+            sums.append(info_nce_sum(head(source), targets[l_out][:, :d_out], self.temperature,
+                                     first=ranks.rank * source.shape[0]))
+        return ranks.mean(torch.stack(sums), source.shape[0])
 
     def forward(self, batch: EncodedBatch) -> TermOutput:
-        links = self.links({l: batch.anchor_pooled(l) for l in self.layers})
+        links = self.links({l: batch.anchor_pooled(l) for l in self.layers}, batch.ranks)
         loss = links.sum() if self.aggregation == "sum" else links.mean()
         return TermOutput(loss, {"pic": loss}, {})
 

@@ -23,8 +23,9 @@ from torch import nn
 
 from mipic_kernels import NestedCKALoss
 
+from ..distributed import ONE_PROCESS, Ranks
 from . import citations
-from .terms import EncodedBatch, TermOutput
+from .terms import EncodedBatch, TermOutput, loss_dtype
 
 AGGREGATIONS = ("mean", "sum")
 RANKINGS = ("cls", "position")
@@ -108,16 +109,17 @@ class SIALoss(nn.Module):
         self.use_cka = cka
 
     def per_term(
-        self, hidden: Sequence[torch.Tensor], mask: torch.Tensor, query: torch.Tensor
+        self, hidden: Sequence[torch.Tensor], mask: torch.Tensor, query: torch.Tensor, ranks: Ranks = ONE_PROCESS,
     ) -> dict[str, torch.Tensor]:
         """The switched-on terms from per-layer states ``hidden[l] (B, T, D)`` (indexed by
-        layer number), the real-token ``mask (B, T)`` and the query positions ``(B,)``."""
+        layer number), the real-token ``mask (B, T)`` and the query positions ``(B,)``.
+        Under data parallelism (``ranks``) the means run over every process's examples."""
         states = torch.stack([hidden[l] for l in self.layers])  # (L, B, T, D)
         if not self.truncated:
             zero = states.sum() * 0.0
             return {name: zero for name, on in (("sia_attention", self.use_attention), ("sia_cka", self.use_cka)) if on}
         rows = torch.arange(states.shape[1], device=states.device)
-        full = states.float()
+        full = states.to(loss_dtype(states))
         teacher = full.detach() if self.detach_teacher else full
         q = teacher[:, rows, query]  # (L, B, D): the query is always full width
         scale = 1.0 / math.sqrt(self.hidden_size)
@@ -128,24 +130,27 @@ class SIALoss(nn.Module):
             kl = []
             for i, l in enumerate(self.layers):
                 for d in self.truncated:
-                    lifted = self.lifts[_key(l, d)](full[i, :, :, :d])
+                    lift = self.lifts[_key(l, d)]
+                    lifted = lift(full[i, :, :, :d].to(lift.weight.dtype)).to(full.dtype)
                     student = torch.einsum("bd,btd->bt", q[i], lifted) * scale
                     log_student = _masked_log_softmax(student / self.attention_temperature, mask)
                     p_student = torch.where(mask, log_student.exp(), torch.zeros_like(log_student))
                     terms = p_student * (log_student - log_teacher[i])
-                    kl.append(terms.sum(-1).mean())
-            kl_all = torch.stack(kl)
+                    kl.append(terms.sum())
+            kl_all = ranks.mean(torch.stack(kl), states.shape[1])
             out["sia_attention"] = kl_all.sum() if self.aggregation == "sum" else kl_all.mean()
         if self.cka is not None:
             ranking = scores.detach() if self.ranking == "cls" else None
             layer_mask = mask.expand(len(self.layers), *mask.shape)
-            gaps = self.cka.per_width(states, scores=ranking, mask=layer_mask)  # mean over layers x batch
+            # the mean over layers x every process's examples
+            gaps = self.cka.per_width(states, scores=ranking, mask=layer_mask,
+                                      sum_over_processes=ranks.sum_over_processes)
             out["sia_cka"] = gaps.sum() * len(self.layers) if self.aggregation == "sum" else gaps.mean()
         return out
 
     def forward(self, batch: EncodedBatch) -> TermOutput:
         states = {l: batch.anchor_states(l) for l in self.layers}
-        parts = self.per_term(states, batch.anchor_mask, batch.query)
+        parts = self.per_term(states, batch.anchor_mask, batch.query, batch.ranks)
         return TermOutput(sum(parts.values()), parts, {})
 
     def get_config_dict(self) -> dict[str, Any]:

@@ -10,10 +10,11 @@ model outputs and run the same term modules on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from ..distributed import ONE_PROCESS, Ranks
 from ..encoder import pool, query_positions
 
 POOLINGS = ("cls", "mean", "last")
@@ -33,14 +34,20 @@ class EncodedBatch:
         pooling: ``"cls"``, ``"mean"`` or ``"last"``: how a sentence embedding is read
             from token states, and which token attends (``last``: the last real one,
             otherwise position 0).
+        ranks: the processes that hold the other parts of the batch under data
+            parallelism (each the same number of examples, in rank order); the terms
+            then compute the whole batch's loss on every process. None: one process.
     """
 
     hidden: Sequence[torch.Tensor]
     mask: torch.Tensor
     views: int = 1
     pooling: str = "cls"
+    ranks: Optional[Ranks] = None
 
     def __post_init__(self) -> None:
+        if self.ranks is None:
+            object.__setattr__(self, "ranks", ONE_PROCESS)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
         if not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool or self.mask.dim() != 2:
@@ -57,6 +64,7 @@ class EncodedBatch:
 
     @property
     def batch_size(self) -> int:
+        """The examples of this process's part of the batch."""
         return self.mask.shape[0] // self.views
 
     @property
@@ -117,6 +125,12 @@ def weighted_sum(formula: Formula, parts: dict[str, torch.Tensor]) -> torch.Tens
     if total is None:
         raise ValueError("a formula needs at least one term")
     return total
+
+
+def loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype of the losses' arithmetic: float64 when an input is float64, else
+    float32 (half precision is lifted)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def check_layers(key: str, layers: Sequence[int], num_layers: int) -> None:
