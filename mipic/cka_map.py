@@ -180,8 +180,6 @@ def compute_cka_map(
         label_a, label_b: names on the axes (default: the last part of the path).
         progress: show a progress bar.
     """
-    from .train import resolve_device
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -193,7 +191,7 @@ def compute_cka_map(
             f"in minibatches of at most {batch_size} give {[b.stop - b.start for b in batches]}"
         )
     accumulator = MinibatchCKA(kernel=kernel)
-    dev = resolve_device(device)
+    dev = _resolve_device(device)
     self_map = model_b is None or model_b == model_a
     encoders = [Encoder.from_pretrained(model_a, pooling=pooling, max_length=max_length, what="model_a")]
     if not self_map:
@@ -286,6 +284,14 @@ def _label(name: str) -> str:
 
 def _number(value: float) -> str:
     return "nan" if math.isnan(value) else repr(float(value))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
 
 
 def _device_name(device: torch.device) -> str:
