@@ -20,10 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import device_bounds
+from .launch import INTERPRETING, alignment, autotune, device_bounds, grad_dot, k_bucket
 from .stats import B, C, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, row_block
-from .tl_utils import centred_tile, load_kernel_tile, load_shifted
+from .tl_utils import centred_tile, dot_split, load_kernel_tile, load_shifted, split
 
+# Output tiles of BM ranks x BLOCK_D columns, BK ranks per step of the sweep; fp32 FMA
+# dots ("ieee") need 16-rank steps to stay within the register file on sm_90.
+_DX_FAST_CONFIGS = [
+    triton.Config({"BM": bm, "BK": bk, "BLOCK_D": 64}, num_warps=warps, num_stages=3)
+    for bm, bk, warps in ((64, 64, 4), (128, 32, 8), (64, 32, 4))
+]
+_DX_IEEE_CONFIGS = [
+    triton.Config({"BM": 64, "BK": 16, "BLOCK_D": 64}, num_warps=8, num_stages=stages) for stages in (3, 1)
+]
+_DX_INTERPRETER_CONFIG = triton.Config({"BM": 16, "BK": 16, "BLOCK_D": 64}, num_warps=4)
 
 @triton.jit
 def _gram_grad(dk, k, bw, rows, cols, valid, RBF: tl.constexpr):
@@ -129,49 +139,75 @@ def _coef_kernel(
                 tl.store(ey_ptr + e_offs, _gram_grad(dl, ky, bwy, rows, cols, valid, RBF), mask=valid)
 
 
+@autotune(_DX_FAST_CONFIGS, _DX_IEEE_CONFIGS, _DX_INTERPRETER_CONFIG, key=["K_BUCKET", "D", "DOT"])
 @triton.jit
 def _dx_kernel(
     x_ptr, order_ptr, kmax_ptr, shift_ptr, bounds_ptr, coef_ptr, dx_ptr,
-    D, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot, stride_cb, stride_cs, stride_ci, stride_cj,
-    stride_dxb, stride_dxt, stride_dxd,
-    N_SEG: tl.constexpr, N_PREFIX: tl.constexpr, FULL_GRAD: tl.constexpr,
+    T, D, K_BUCKET, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot,
+    stride_cb, stride_cs, stride_ci, stride_cj, stride_dxb, stride_dxt, stride_dxd,
+    N_SEG: tl.constexpr, SEG_P2: tl.constexpr, N_PREFIX: tl.constexpr, FULL_GRAD: tl.constexpr,
+    ALIGN: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``dx[b, order[b, r], cols] = sum_s (coef_s Z)[r, cols in segment s]`` for rows
-    ``r`` of one row block and one column block; the rows are distinct positions, so
-    plain stores suffice (no atomics)."""
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    c_lo = tl.program_id(2) * BLOCK_D
+    """``dx[b, order[b, r], cols] = sum_s (coef_s Z)[r, cols in segment s]`` for the ranks
+    ``r`` of one row block and one column block.
+
+    The grid covers every rank and column, flattened with the example slowest and the
+    column block fastest (neighbours share coefficient rows), so every entry of ``dx`` is
+    written exactly once: blocks of unselected ranks (past ``kmax``) or of columns
+    without a gradient (past the widest width when the full width is detached) store
+    zeros and do nothing else. The selected positions of an example are distinct, so
+    plain stores suffice (no atomics). A column block that straddles width bounds
+    sweeps the selected rows once per segment it touches (one loop body, so the kernel
+    stays within the register file; the repeated rows come from L2).
+    """
+    row_blocks = tl.cdiv(T, BM)
+    col_blocks = tl.cdiv(D, BLOCK_D)
+    pid = tl.program_id(0)
+    b = (pid // (row_blocks * col_blocks)).to(tl.int64)
+    rest = pid % (row_blocks * col_blocks)
+    rows = (rest // col_blocks) * BM + tl.arange(0, BM)
+    c_lo = (rest % col_blocks) * BLOCK_D
     cols = c_lo + tl.arange(0, BLOCK_D)
     kmax = tl.load(kmax_ptr + b)
     row_ok = rows < kmax
+    # Segments with a gradient that meet this column block: [s_first, s_end).
+    seg = tl.arange(0, SEG_P2)
+    upper = tl.load(bounds_ptr + 1 + seg, mask=seg < N_SEG, other=0)
+    lower = tl.load(bounds_ptr + seg, mask=seg < N_SEG, other=0)
+    s_first = tl.sum((seg < N_SEG) & (upper <= c_lo), axis=0)
+    s_end = tl.sum((seg < N_SEG) & (lower < c_lo + BLOCK_D), axis=0)
+    if not FULL_GRAD:
+        s_end = tl.minimum(s_end, N_PREFIX)
+    if (rest // col_blocks) * BM >= kmax:
+        s_end = s_first
     acc = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
     coef = coef_ptr + b * stride_cb
-    for s in tl.static_range(N_SEG):
-        if s < N_PREFIX or FULL_GRAD:
-            lo = tl.load(bounds_ptr + s)
-            hi = tl.load(bounds_ptr + s + 1)
-            if (lo < c_lo + BLOCK_D) & (hi > c_lo):
-                col_ok = (cols >= lo) & (cols < hi)
-                for j0 in range(0, kmax, BK):
-                    js = j0 + tl.arange(0, BK)
-                    j_ok = js < kmax
-                    tile_ok = row_ok[:, None] & j_ok[None, :]
-                    offs = rows[:, None] * stride_ci + js[None, :] * stride_cj
-                    c = tl.zeros([BM, BK], dtype=tl.float32)
-                    if s < N_PREFIX:
-                        c += tl.load(coef + s * stride_cs + offs, mask=tile_ok, other=0.0)
-                    if FULL_GRAD:
-                        c += tl.load(coef + N_PREFIX * stride_cs + offs, mask=tile_ok, other=0.0)
-                    pos = tl.load(order_ptr + b * stride_ob + js * stride_ot, mask=j_ok, other=0)
-                    _, z = load_shifted(
-                        x_ptr, b, stride_xb, stride_xt, stride_xd, pos, j_ok, shift_ptr, D, cols, col_ok
-                    )
-                    acc += tl.dot(c, z, input_precision="ieee")
-    pos_r = tl.load(order_ptr + b * stride_ob + rows * stride_ot, mask=row_ok, other=0)
+    for s in range(s_first, s_end):
+        lo = tl.load(bounds_ptr + s)
+        hi = tl.load(bounds_ptr + s + 1)
+        if ALIGN > 1:
+            lo = tl.multiple_of(lo, ALIGN)
+            hi = tl.multiple_of(hi, ALIGN)
+        col_ok = (cols >= lo) & (cols < hi)
+        for j0 in range(0, kmax, BK):
+            js = j0 + tl.arange(0, BK)
+            j_ok = js < kmax
+            tile_ok = row_ok[:, None] & j_ok[None, :]
+            offs = rows[:, None] * stride_ci + js[None, :] * stride_cj
+            # Slot s: the coefficient of segment s (none past the widest width);
+            # slot N_PREFIX: the full-width coefficient, which every column gets.
+            c = tl.load(coef + s * stride_cs + offs, mask=tile_ok & (s < N_PREFIX), other=0.0)
+            if FULL_GRAD:
+                c += tl.load(coef + N_PREFIX * stride_cs + offs, mask=tile_ok, other=0.0)
+            pos = tl.load(order_ptr + b * stride_ob + js * stride_ot, mask=j_ok, other=0)
+            _, z = load_shifted(x_ptr, b, stride_xb, stride_xt, stride_xd, pos, j_ok, shift_ptr, D, cols, col_ok)
+            c_hi, c_lo_half = split(c, DOT, INTERPRET)
+            z_hi, z_lo = split(z, DOT, INTERPRET)
+            acc = dot_split(c_hi, c_lo_half, z_hi, z_lo, acc, DOT, INTERPRET)
+    pos_r = tl.load(order_ptr + b * stride_ob + rows * stride_ot, mask=rows < T, other=0)
     out = dx_ptr + b * stride_dxb + pos_r[:, None] * stride_dxt + cols[None, :] * stride_dxd
-    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
+    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=(rows[:, None] < T) & (cols[None, :] < D))
 
 
 def coefficients(
@@ -203,24 +239,35 @@ def coefficients(
 
 def input_grad(
     x: torch.Tensor, order: torch.Tensor, kmax: torch.Tensor, shift: torch.Tensor,
-    bounds: tuple[int, ...], coef: torch.Tensor, *, n_prefix: int, full_grad: bool,
+    bounds: tuple[int, ...], coef: torch.Tensor, *, n_prefix: int, full_grad: bool, precision: str,
 ) -> torch.Tensor:
-    """Gradient ``(B, T, D)`` in ``x.dtype``: zero except at the selected rows."""
-    batch, _, depth = x.shape
-    dx = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
-    if batch == 0:
-        return dx
-    size = coef.shape[-1]
-    # 64 x 64 output tiles, 16-deep steps over the tokens: no register spills on sm_90.
-    bm = min(64, max(16, triton.next_power_of_2(size)))
-    block_d = min(64, max(16, triton.next_power_of_2(depth)))
-    _dx_kernel[(batch, triton.cdiv(size, bm), triton.cdiv(depth, block_d))](
-        x, order, kmax, shift, device_bounds(bounds, x.device), coef, dx, depth, *x.stride(), *order.stride(),
-        *coef.stride(), *dx.stride(),
-        N_SEG=len(bounds) - 1, N_PREFIX=n_prefix, FULL_GRAD=full_grad,
-        BM=bm, BK=16, BLOCK_D=block_d, num_warps=8 if bm * block_d >= 4096 else 4,
-    )
+    """Gradient ``(B, T, D)`` in ``x.dtype``: zero except at the selected rows (every
+    entry is written by the kernel; nothing is zero-filled first)."""
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if x.shape[0] > 0:
+        launch_dx(x, order, kmax, shift, bounds, coef, dx, n_prefix=n_prefix, full_grad=full_grad,
+                  precision=precision)
     return dx
+
+
+def launch_dx(
+    x: torch.Tensor, order: torch.Tensor, kmax: torch.Tensor, shift: torch.Tensor,
+    bounds: tuple[int, ...], coef: torch.Tensor, dx: torch.Tensor, *, n_prefix: int, full_grad: bool,
+    precision: str,
+) -> None:
+    """Write every entry of ``dx (B, T, D)`` from the coefficients ``coef (B, S', k, k)``
+    (slots ``[0, n_prefix)`` per column segment, slot ``n_prefix`` the full width's)."""
+    batch, tokens, depth = x.shape
+
+    def grid(meta):
+        return (batch * triton.cdiv(tokens, meta["BM"]) * triton.cdiv(depth, meta["BLOCK_D"]),)
+
+    _dx_kernel[grid](
+        x, order, kmax, shift, device_bounds(bounds, x.device), coef, dx,
+        tokens, depth, k_bucket(coef.shape[-1]), *x.stride(), *order.stride(), *coef.stride(), *dx.stride(),
+        N_SEG=len(bounds) - 1, SEG_P2=triton.next_power_of_2(len(bounds) - 1), N_PREFIX=n_prefix,
+        FULL_GRAD=full_grad, ALIGN=alignment(bounds), DOT=grad_dot(x.dtype, precision), INTERPRET=INTERPRETING,
+    )
 
 
 def upstream_scale(grad: torch.Tensor, value: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:

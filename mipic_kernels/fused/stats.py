@@ -234,10 +234,11 @@ def cka_from_grams(
     """
     bw = bandwidths(gx, gy, n, kernel=kernel, sigma=sigma, rbf_threshold=rbf_threshold)
     stats, rowsums = hsic_stats(gx, gy, n, bw, kernel=kernel, unbiased=unbiased)
-    rows = (torch.arange(gx.shape[-1], device=n.device) < n[..., None]).to(torch.float32)
+    # sq is written only over the rows each slot uses: select, never multiply by a mask.
+    rows = torch.arange(gx.shape[-1], device=n.device) < n[..., None]
     defined = defined_entries(
         n.to(torch.float32), stats[..., SPREAD_X], stats[..., SPREAD_Y],
-        (sq_x * rows).sum(-1), (sq_y * rows).sum(-1), stats[..., B], stats[..., C],
+        torch.where(rows, sq_x, 0.0).sum(-1), torch.where(rows, sq_y, 0.0).sum(-1), stats[..., B], stats[..., C],
         torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
     )
     return cka_value(stats[..., A], stats[..., B], stats[..., C], defined), bw, stats, rowsums
