@@ -23,6 +23,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -498,8 +499,10 @@ def test_interpreter_runs_one_config_and_every_gpu_config_is_correct(monkeypatch
     # Under the interpreter the tuned kernels run a single small config. The GPU
     # configs (larger tiles, steps and column blocks) run here too, once each, on a
     # case that spans several of their tiles, and must match the reference.
-    tuned = {gram._gram_kernel: (gram._GRAM_FAST_CONFIGS, gram._GRAM_IEEE_CONFIGS),
-             backward._dx_kernel: (backward._DX_FAST_CONFIGS, backward._DX_IEEE_CONFIGS)}
+    # Every GPU config, with a dot scheme it serves.
+    tuned = [(gram._gram_kernel, c, "fast") for c in gram._GRAM_CONFIGS]
+    tuned += [(backward._dx_kernel, c, "fast") for c in backward._DX_FAST_CONFIGS]
+    tuned += [(backward._dx_kernel, c, "ieee") for c in backward._DX_IEEE_CONFIGS]
     if DEVICE == "cuda":
         pytest.skip("the interpreter's single-config path")
     lead, t, d = (1,), 80, 140
@@ -513,16 +516,15 @@ def test_interpreter_runs_one_config_and_every_gpu_config_is_correct(monkeypatch
 
     runs32 = float32_runs(lambda a: _run(lambda b: fn(b, "torch"), a, 202), [x], seed=SESSION_SEED)
     ref64, (grad64,) = _run(lambda a: fn(a, "torch"), [x.double()], 202)
-    for kernel, (fast, ieee) in tuned.items():
-        assert kernel.config.kwargs["BLOCK_D"] == 64
-        for precision, configs in (("fast", fast), ("ieee", ieee)):
-            for config in configs:
-                monkeypatch.setattr(kernel, "config", config)
-                value, (grad,) = _run(lambda a: fn(a, "triton", precision), [x], 202)
-                assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
-                                            what=f"value {config}", relative=False)
-                assert_within_float32_error(grad, [g for _, (g,) in runs32], grad64, factor=4, floor=GRAD_FLOOR,
-                                            what=f"gradient {config}", relative=True)
+    for kernel, config, precision in tuned:
+        assert kernel.config.kwargs["BLOCK_D"] == 64 == config.kwargs["BLOCK_D"]
+        with monkeypatch.context() as patch:
+            patch.setattr(kernel, "config", config)
+            value, (grad,) = _run(lambda a: fn(a, "triton", precision), [x], 202)
+        assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
+                                    what=f"value {config}", relative=False)
+        assert_within_float32_error(grad, [g for _, (g,) in runs32], grad64, factor=4, floor=GRAD_FLOOR,
+                                    what=f"gradient {config}", relative=True)
 
 
 def test_k_top_far_above_every_example_count():
@@ -556,6 +558,40 @@ def test_two_runs_are_bitwise_equal():
     first, second = run(), run()
     assert torch.equal(first[0].nan_to_num(7.0), second[0].nan_to_num(7.0))
     assert torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.5])
+def test_radix_median_is_numpys_median_exactly(threshold):
+    # "Grams" with a zero diagonal make every squared distance max(-2 g, 0) exactly
+    # (no rounding, fused or not), so the kernel's selection must return numpy's
+    # median of those fp32 values bit for bit: full 24-bit significands spread over
+    # several binades (all four radix digits vary), ties (repeated values and the
+    # zeros of non-negative g), odd and even counts, one row (median 0: NaN), none.
+    from mipic_kernels.fused import stats
+
+    batch, widths, k = 2, 4, 40
+    g = -torch.rand(batch, widths + 1, k, k, generator=generator(230)) * 2.0 ** torch.randint(
+        -6, 7, (batch, widths + 1, k, k), generator=generator(231))
+    g[..., :6, :6] = -1.5  # a block of equal values
+    g[..., 30:, :] = g[..., 30:, :].abs()  # non-negative g: distance 0
+    g = (g + g.mT) / 2
+    g.diagonal(dim1=-2, dim2=-1).zero_()
+    n = torch.tensor([[40, 33, 1, 17], [0, 2, 39, 40]])
+    gx, gy = g[:, :widths], g[:, widths:].expand(batch, widths, k, k)
+    got = stats.bandwidths(gx.to(DEVICE), gy.to(DEVICE), n.to(DEVICE), kernel="rbf", sigma=None,
+                           rbf_threshold=threshold).cpu()
+    for b in range(batch):
+        for w in range(widths):
+            m = int(n[b, w])
+            for side, gram in enumerate((gx[b, w], gy[b, w])):
+                dist = torch.clamp(-2 * gram[:m, :m], min=0).numpy().astype("float32")
+                if m == 0 or np.median(dist) == 0:
+                    assert math.isnan(got[b, w, side]), (b, w, side)
+                    continue
+                ordered = np.sort(dist, axis=None)
+                lo, hi = ordered[(m * m - 1) // 2], ordered[(m * m) // 2]
+                want = np.float32(threshold**2) * (np.float32(0.5) * lo + np.float32(0.5) * hi)
+                assert got[b, w, side].item() == float(want), (b, w, side)
 
 
 def test_leading_dims_and_empty_batch():

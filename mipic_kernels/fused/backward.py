@@ -8,10 +8,13 @@ linear ``2 E = 2 dK``; RBF ``2 E = 4 (diag(V 1) - V)`` with
 ``V = dK o K / (-2 s^2)`` off the diagonal (the bandwidth is a constant).
 
 The prefix of width ``i`` feeds columns ``:dims[i]`` only, so column segment ``s``
-gets the sum of the coefficients of widths ``>= s`` (a reverse cumulative sum over
-the per-width coefficients of the coefficient kernel). The
+gets the sum of the coefficients of widths ``>= s``: the coefficient kernel forms
+that reverse cumulative sum itself, in registers, walking the widths downwards. The
 shift by the column mean is treated as a constant: CKA is translation invariant,
 so its gradient through the shift vanishes.
+
+As in the forward statistics, the rows of each entry are split across programs and
+every reduction is done in a fixed order (no atomics).
 """
 
 from __future__ import annotations
@@ -21,19 +24,27 @@ import triton
 import triton.language as tl
 
 from .launch import INTERPRETING, alignment, autotune, device_bounds, grad_dot, k_bucket
-from .stats import B, C, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, row_block
+from .stats import (
+    B, C, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, entry_block, row_block, safe_count,
+)
 from .tl_utils import centred_tile, dot_split, load_kernel_tile, load_shifted, split
 
-# Output tiles of BM ranks x BLOCK_D columns, BK ranks per step of the sweep; fp32 FMA
-# dots ("ieee") need 16-rank steps to stay within the register file on sm_90.
+# Output tiles of BM ranks x BLOCK_D columns, BK ranks per step of the sweep. The split
+# dots' candidates compile for sm_90 without register spills, with the full-width
+# coefficient too (docs/kernels.md); fp32 FMA dots ("ieee") need 16-rank steps.
 _DX_FAST_CONFIGS = [
-    triton.Config({"BM": bm, "BK": bk, "BLOCK_D": 64}, num_warps=warps, num_stages=3)
-    for bm, bk, warps in ((64, 64, 4), (128, 32, 8), (64, 32, 4))
+    triton.Config({"BM": 64, "BK": bk, "BLOCK_D": 64}, num_warps=warps, num_stages=3)
+    for bk, warps in ((64, 8), (32, 8), (16, 4))
 ]
 _DX_IEEE_CONFIGS = [
     triton.Config({"BM": 64, "BK": 16, "BLOCK_D": 64}, num_warps=8, num_stages=stages) for stages in (3, 1)
 ]
 _DX_INTERPRETER_CONFIG = triton.Config({"BM": 16, "BK": 16, "BLOCK_D": 64}, num_warps=4)
+
+
+def _dx_candidates(kwargs: dict) -> list[triton.Config]:
+    return _DX_IEEE_CONFIGS if kwargs["DOT"] == "ieee" else _DX_FAST_CONFIGS
+
 
 @triton.jit
 def _gram_grad(dk, k, bw, rows, cols, valid, RBF: tl.constexpr):
@@ -46,100 +57,135 @@ def _gram_grad(dk, k, bw, rows, cols, valid, RBF: tl.constexpr):
 
 
 @triton.jit
-def _kernel_grads(
-    gx, gy, stride_gxi, stride_gxj, stride_gyi, stride_gyj, rs, stride_rss, rows, cols, row_ok, col_ok,
-    sqx_c, sqy_c, bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF: tl.constexpr, UNBIASED: tl.constexpr,
+def _entry_grads(
+    gx_ptr, gy_ptr, bw_ptr, stats_ptr, rs_ptr, b, w, W, n, scale, rows, cols, row_ok, col_ok,
+    stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    stride_rsb, stride_rsw, stride_rss, RBF: tl.constexpr, UNBIASED: tl.constexpr,
 ):
-    """Kernel tiles ``K``, ``L`` and the unprojected gradients ``dK``, ``dL`` of a row block."""
+    """Kernel tiles ``K``, ``L`` and the unprojected gradients ``dK``, ``dL`` at rows
+    ``rows`` of entry ``(b, w)``, rebuilt from the saved Grams, row sums and statistics."""
+    entry = b * W + w
+    a = tl.load(stats_ptr + entry * ROW + COL_A)
+    bwx = tl.load(bw_ptr + entry * 2)
+    bwy = tl.load(bw_ptr + entry * 2 + 1)
+    nf = safe_count(n, UNBIASED)
+    gx = gx_ptr + b * stride_gxb + w * stride_gxw
+    gy = gy_ptr + b * stride_gyb + w * stride_gyw
+    rs = rs_ptr + b * stride_rsb + w * stride_rsw
     valid = row_ok[:, None] & col_ok[None, :]
+    sqx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
+    sqy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
     _, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, sqx_c, bwx, RBF, UNBIASED)
     _, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, sqy_c, bwy, RBF, UNBIASED)
     px = centred_tile(
         kx, tl.load(rs + rows, mask=row_ok, other=0.0), tl.load(rs + cols, mask=col_ok, other=0.0),
-        t_x, nf, rows, cols, valid, UNBIASED,
+        tl.load(stats_ptr + entry * ROW + COL_TOTAL_X), nf, rows, cols, valid, UNBIASED,
     )
     py = centred_tile(
         ky, tl.load(rs + stride_rss + rows, mask=row_ok, other=0.0),
-        tl.load(rs + stride_rss + cols, mask=col_ok, other=0.0), t_y, nf, rows, cols, valid, UNBIASED,
+        tl.load(rs + stride_rss + cols, mask=col_ok, other=0.0),
+        tl.load(stats_ptr + entry * ROW + COL_TOTAL_Y), nf, rows, cols, valid, UNBIASED,
     )
+    ratio_x = a / tl.load(stats_ptr + entry * ROW + COL_B)
+    ratio_y = a / tl.load(stats_ptr + entry * ROW + COL_C)
     return kx, ky, scale * (py - ratio_x * px), scale * (px - ratio_y * py)
 
 
 @triton.jit
+def _coef_rowsum_kernel(
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, ds_ptr, W, RB,
+    stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    stride_rsb, stride_rsw, stride_rss, stride_dsb, stride_dsw, stride_dss,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
+):
+    """Row sums of ``dK`` (and ``dL``) at the rows of block ``rb`` of entry ``(b, w)``:
+    complete, and equal to the column sums, since both are symmetric. Undefined entries
+    (``scale`` 0) and blocks past ``n`` do nothing."""
+    b, w, rb = entry_block(tl.program_id(0), W, RB)
+    n = tl.load(n_ptr + b * W + w).to(tl.int32)
+    scale = tl.load(scale_ptr + b * W + w)
+    if (scale == 0.0) | (rb * BM >= n):
+        return
+    rows = rb * BM + tl.arange(0, BM)
+    cols = tl.arange(0, KP)
+    row_ok = rows < n
+    _, _, dk, dl = _entry_grads(
+        gx_ptr, gy_ptr, bw_ptr, stats_ptr, rs_ptr, b, w, W, n, scale, rows, cols, row_ok, cols < n,
+        stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+        stride_rsb, stride_rsw, stride_rss, RBF, UNBIASED,
+    )
+    ds = ds_ptr + b * stride_dsb + w * stride_dsw
+    tl.store(ds + rows, tl.sum(dk, axis=1), mask=row_ok)
+    if FULL_GRAD:
+        tl.store(ds + stride_dss + rows, tl.sum(dl, axis=1), mask=row_ok)
+
+
+@triton.jit
 def _coef_kernel(
-    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, ex_ptr, ey_ptr,
-    W, stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
-    stride_rsb, stride_rsw, stride_rss, stride_eb, stride_ew, stride_ei, stride_ej,
-    RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
+    gx_ptr, gy_ptr, n_ptr, kmax_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, ds_ptr, coef_ptr, K, RB,
+    stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    stride_rsb, stride_rsw, stride_rss, stride_dsb, stride_dsw, stride_dss,
+    stride_cb, stride_cs, stride_ci, stride_cj,
+    W: tl.constexpr, RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
     KP: tl.constexpr, BM: tl.constexpr,
 ):
-    """Coefficients of entry ``(b, w)``: ``ex[b, w]`` for its prefix Gram and, with
-    ``FULL_GRAD``, ``ey[b, w]`` for the full-width Gram (both pre-zeroed).
+    """Rows of block ``rb`` of every coefficient of example ``b``: slot ``w`` the sum of
+    the prefix-Gram coefficients of widths ``>= w`` (a running sum, widths walked
+    downwards in registers), and with ``FULL_GRAD`` slot ``W`` the sum of the
+    full-Gram coefficients of every width. Each slot is written over ``kmax`` rows
+    and all ``K`` columns, zeros included, so nothing is zero-filled first.
 
-    ``scale[b, w]`` is ``upstream gradient / sqrt(b c)`` and 0 for undefined entries.
-    ``dK`` is centred in exact arithmetic; in fp32 it carries rounding from ``K``
-    amplified by the centring, and centring it again (pass 2, as autograd through the
-    reference does implicitly) removes the part of that error that is not centred,
-    which would otherwise reach the gradient.
+    ``scale[b, w]`` is ``upstream gradient / sqrt(b c)`` and 0 for undefined entries,
+    which are skipped. ``dK`` is centred in exact arithmetic; in fp32 it carries
+    rounding from ``K`` amplified by the centring, and centring it again (with the row
+    sums of :func:`_coef_rowsum_kernel`, as autograd through the reference does
+    implicitly) removes the part of that error that is not centred, which would
+    otherwise reach the gradient.
     """
-    b = tl.program_id(0).to(tl.int64)
-    w = tl.program_id(1)
-    entry = b * W + w
-    n = tl.load(n_ptr + entry).to(tl.int32)
-    scale = tl.load(scale_ptr + entry)
-    if scale != 0.0:
-        if UNBIASED:
-            nf = tl.maximum(n, 4).to(tl.float32)
-        else:
-            nf = tl.maximum(n, 1).to(tl.float32)
-        a = tl.load(stats_ptr + entry * ROW + COL_A)
-        ratio_x = a / tl.load(stats_ptr + entry * ROW + COL_B)
-        ratio_y = a / tl.load(stats_ptr + entry * ROW + COL_C)
-        t_x = tl.load(stats_ptr + entry * ROW + COL_TOTAL_X)
-        t_y = tl.load(stats_ptr + entry * ROW + COL_TOTAL_Y)
-        bwx = tl.load(bw_ptr + entry * 2)
-        bwy = tl.load(bw_ptr + entry * 2 + 1)
-        gx = gx_ptr + b * stride_gxb + w * stride_gxw
-        gy = gy_ptr + b * stride_gyb + w * stride_gyw
-        rs = rs_ptr + b * stride_rsb + w * stride_rsw
-        cols = tl.arange(0, KP)
-        col_ok = cols < n
-        sqx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
-        sqy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
-
-        # Pass 1: column sums of dK and dL.
-        col_k = tl.zeros([KP], dtype=tl.float32)
-        col_l = tl.zeros([KP], dtype=tl.float32)
-        for r0 in range(0, n, BM):
-            rows = r0 + tl.arange(0, BM)
-            _, _, dk, dl = _kernel_grads(
-                gx, gy, stride_gxi, stride_gxj, stride_gyi, stride_gyj, rs, stride_rss, rows, cols,
-                rows < n, col_ok, sqx_c, sqy_c, bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
-            )
-            col_k += tl.sum(dk, axis=0)
-            col_l += tl.sum(dl, axis=0)
-        tot_k = tl.sum(col_k, axis=0)
-        tot_l = tl.sum(col_l, axis=0)
-
-        # Pass 2: centre dK (dL) again and turn it into the Gram coefficient.
-        for r0 in range(0, n, BM):
-            rows = r0 + tl.arange(0, BM)
+    pid = tl.program_id(0)
+    b = (pid // RB).to(tl.int64)
+    rb = pid % RB
+    kmax = tl.load(kmax_ptr + b)
+    if rb * BM >= kmax:
+        return
+    rows = rb * BM + tl.arange(0, BM)
+    cols = tl.arange(0, KP)
+    store_ok = (rows < kmax)[:, None] & (cols < K)[None, :]
+    offs = b * stride_cb + rows[:, None] * stride_ci + cols[None, :] * stride_cj
+    running = tl.zeros([BM, KP], dtype=tl.float32)
+    full = tl.zeros([BM, KP], dtype=tl.float32)
+    for i in range(W):
+        w = W - 1 - i
+        n = tl.load(n_ptr + b * W + w).to(tl.int32)
+        scale = tl.load(scale_ptr + b * W + w)
+        if (scale != 0.0) & (rb * BM < n):
             row_ok = rows < n
+            col_ok = cols < n
             valid = row_ok[:, None] & col_ok[None, :]
-            kx, ky, dk, dl = _kernel_grads(
-                gx, gy, stride_gxi, stride_gxj, stride_gyi, stride_gyj, rs, stride_rss, rows, cols,
-                row_ok, col_ok, sqx_c, sqy_c, bwx, bwy, t_x, t_y, nf, scale, ratio_x, ratio_y, RBF, UNBIASED,
+            nf = safe_count(n, UNBIASED)
+            bwx = tl.load(bw_ptr + (b * W + w) * 2)
+            bwy = tl.load(bw_ptr + (b * W + w) * 2 + 1)
+            kx, ky, dk, dl = _entry_grads(
+                gx_ptr, gy_ptr, bw_ptr, stats_ptr, rs_ptr, b, w, W, n, scale, rows, cols, row_ok, col_ok,
+                stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+                stride_rsb, stride_rsw, stride_rss, RBF, UNBIASED,
             )
-            offs = rows[:, None] * stride_ei + cols[None, :] * stride_ej
-            dk = centred_tile(dk, tl.sum(dk, axis=1), col_k, tot_k, nf, rows, cols, valid, UNBIASED)
-            e_offs = b * stride_eb + w * stride_ew + offs
-            tl.store(ex_ptr + e_offs, _gram_grad(dk, kx, bwx, rows, cols, valid, RBF), mask=valid)
+            ds = ds_ptr + b * stride_dsb + w * stride_dsw
+            sum_c = tl.load(ds + cols, mask=col_ok, other=0.0)
+            dk = centred_tile(dk, tl.load(ds + rows, mask=row_ok, other=0.0), sum_c, tl.sum(sum_c, axis=0),
+                              nf, rows, cols, valid, UNBIASED)
+            running += _gram_grad(dk, kx, bwx, rows, cols, valid, RBF)
             if FULL_GRAD:
-                dl = centred_tile(dl, tl.sum(dl, axis=1), col_l, tot_l, nf, rows, cols, valid, UNBIASED)
-                tl.store(ey_ptr + e_offs, _gram_grad(dl, ky, bwy, rows, cols, valid, RBF), mask=valid)
+                sum_c = tl.load(ds + stride_dss + cols, mask=col_ok, other=0.0)
+                dl = centred_tile(dl, tl.load(ds + stride_dss + rows, mask=row_ok, other=0.0), sum_c,
+                                  tl.sum(sum_c, axis=0), nf, rows, cols, valid, UNBIASED)
+                full += _gram_grad(dl, ky, bwy, rows, cols, valid, RBF)
+        tl.store(coef_ptr + offs + w * stride_cs, running, mask=store_ok)
+    if FULL_GRAD:
+        tl.store(coef_ptr + offs + W * stride_cs, full, mask=store_ok)
 
 
-@autotune(_DX_FAST_CONFIGS, _DX_IEEE_CONFIGS, _DX_INTERPRETER_CONFIG, key=["K_BUCKET", "D", "DOT"])
+@autotune([*_DX_FAST_CONFIGS, *_DX_IEEE_CONFIGS], _dx_candidates, _DX_INTERPRETER_CONFIG, key=["K_BUCKET", "D", "DOT"])
 @triton.jit
 def _dx_kernel(
     x_ptr, order_ptr, kmax_ptr, shift_ptr, bounds_ptr, coef_ptr, dx_ptr,
@@ -175,8 +221,8 @@ def _dx_kernel(
     seg = tl.arange(0, SEG_P2)
     upper = tl.load(bounds_ptr + 1 + seg, mask=seg < N_SEG, other=0)
     lower = tl.load(bounds_ptr + seg, mask=seg < N_SEG, other=0)
-    s_first = tl.sum((seg < N_SEG) & (upper <= c_lo), axis=0)
-    s_end = tl.sum((seg < N_SEG) & (lower < c_lo + BLOCK_D), axis=0)
+    s_first = tl.sum(((seg < N_SEG) & (upper <= c_lo)).to(tl.int32), axis=0)
+    s_end = tl.sum(((seg < N_SEG) & (lower < c_lo + BLOCK_D)).to(tl.int32), axis=0)
     if not FULL_GRAD:
         s_end = tl.minimum(s_end, N_PREFIX)
     if (rest // col_blocks) * BM >= kmax:
@@ -197,7 +243,10 @@ def _dx_kernel(
             offs = rows[:, None] * stride_ci + js[None, :] * stride_cj
             # Slot s: the coefficient of segment s (none past the widest width);
             # slot N_PREFIX: the full-width coefficient, which every column gets.
-            c = tl.load(coef + s * stride_cs + offs, mask=tile_ok & (s < N_PREFIX), other=0.0)
+            if s < N_PREFIX:
+                c = tl.load(coef + s * stride_cs + offs, mask=tile_ok, other=0.0)
+            else:
+                c = tl.zeros([BM, BK], dtype=tl.float32)
             if FULL_GRAD:
                 c += tl.load(coef + N_PREFIX * stride_cs + offs, mask=tile_ok, other=0.0)
             pos = tl.load(order_ptr + b * stride_ob + js * stride_ot, mask=j_ok, other=0)
@@ -211,30 +260,33 @@ def _dx_kernel(
 
 
 def coefficients(
-    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, stats: torch.Tensor,
-    rowsums: torch.Tensor, scale: torch.Tensor, *, kernel: str, unbiased: bool, full_grad: bool,
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, kmax: torch.Tensor, bw: torch.Tensor,
+    stats: torch.Tensor, rowsums: torch.Tensor, scale: torch.Tensor, *, kernel: str, unbiased: bool,
+    full_grad: bool,
 ) -> torch.Tensor:
     """``(B, W + full_grad, k, k)`` fp32 coefficients: slot ``w`` the sum of the x-side
     coefficients of widths ``>= w`` (the coefficient of column segment ``w``), slot
-    ``W`` the sum of the y-side (full-width) coefficients of every width."""
+    ``W`` the sum of the y-side (full-width) coefficients of every width; written over
+    the leading ``kmax[b]`` rows (all columns) of each example and not elsewhere."""
     batch, widths, size, _ = gx.shape
-    # Slots [0, W): x side; W: the full-width sum; (W, 2W]: y side per width.
-    slots = 2 * widths + 1 if full_grad else widths
-    buf = torch.zeros(batch, slots, size, size, device=gx.device, dtype=torch.float32)
+    f32 = dict(device=gx.device, dtype=torch.float32)
+    coef = torch.empty(batch, widths + int(full_grad), size, size, **f32)
     if batch == 0:
-        return buf[:, : widths + int(full_grad)]
+        return coef
     bm, kp = row_block(size)
-    _coef_kernel[(batch, widths)](
-        gx, gy, n.contiguous(), torch.nan_to_num(bw, nan=1.0), stats, rowsums,
-        scale.contiguous(), buf, buf[:, widths + 1:] if full_grad else buf, widths,
-        *gx.stride(), *gy.stride(), *rowsums.stride()[:3], *buf.stride(),
-        RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=NUM_WARPS,
+    blocks = triton.cdiv(size, bm)
+    dsums = torch.empty(batch, widths, 2, size, **f32)
+    n, scale, bw = n.contiguous(), scale.contiguous(), torch.nan_to_num(bw, nan=1.0)
+    strides = (*gx.stride(), *gy.stride(), *rowsums.stride()[:3], *dsums.stride()[:3])
+    meta = dict(RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=NUM_WARPS)
+    _coef_rowsum_kernel[(batch * widths * blocks,)](
+        gx, gy, n, bw, stats, rowsums, scale, dsums, widths, blocks, *strides, **meta,
     )
-    for w in range(widths - 2, -1, -1):
-        buf[:, w] += buf[:, w + 1]
-    if full_grad:
-        torch.sum(buf[:, widths + 1:], dim=1, out=buf[:, widths])
-    return buf[:, : widths + int(full_grad)]
+    _coef_kernel[(batch * blocks,)](
+        gx, gy, n, kmax, bw, stats, rowsums, scale, dsums, coef, size, blocks, *strides, *coef.stride(),
+        W=widths, **meta,
+    )
+    return coef
 
 
 def input_grad(

@@ -43,7 +43,7 @@ def backward(
     """Gradients wrt ``x`` and ``y`` of ``sum(grad * value)``, each only where needed."""
     # The y side's coefficient is the "full-width" slot of the coefficient kernel.
     coef = coefficients(
-        sx.grams, sy.grams, n[:, None], sx.bw, sx.stats, sx.rowsums,
+        sx.grams, sy.grams, n[:, None], n, sx.bw, sx.stats, sx.rowsums,
         upstream_scale(grad[:, None], value[:, None], sx.stats), kernel=kernel, unbiased=unbiased,
         full_grad=need_y,
     )

@@ -18,19 +18,21 @@ _SHIFT_BLOCK_R = 32
 _SHIFT_BLOCK_D = 128
 
 # Gram tiles of BLOCK x BLOCK rows over BLOCK_D columns per step. BLOCK_D = 64 keeps the
-# waste of narrow leading widths (16, 32 columns) small. Every config compiles for
-# sm_90 without register spills (docs/kernels.md, scripts/kernel_resources.py), except
-# tf32x3 on 32-row tiles, left to the tuner. The interpreter's tile of 16 rows makes
-# the tests' small Gram edges span several tiles.
-_GRAM_FAST_CONFIGS = [
-    triton.Config({"BLOCK": block, "BLOCK_D": 64}, num_warps=warps, num_stages=stages)
-    for block, warps, stages in ((64, 8, 3), (64, 8, 2), (32, 4, 3))
+# waste of narrow leading widths (16, 32 columns) small. Each scheme's candidates
+# compile for sm_90 without register spills (docs/kernels.md, made by
+# scripts/kernel_resources.py). The interpreter's tile of 16 rows makes the tests'
+# small Gram edges span several tiles.
+_GRAM_64 = [
+    triton.Config({"BLOCK": 64, "BLOCK_D": 64}, num_warps=8, num_stages=stages) for stages in (3, 2)
 ]
-_GRAM_IEEE_CONFIGS = [
-    triton.Config({"BLOCK": block, "BLOCK_D": 64}, num_warps=warps, num_stages=3)
-    for block, warps in ((32, 4), (64, 8))
-]
+_GRAM_32 = [triton.Config({"BLOCK": 32, "BLOCK_D": 64}, num_warps=4, num_stages=3)]
+_GRAM_CONFIGS = [*_GRAM_64, *_GRAM_32]
 _GRAM_INTERPRETER_CONFIG = triton.Config({"BLOCK": 16, "BLOCK_D": 64}, num_warps=4)
+
+
+def _gram_candidates(kwargs: dict) -> list[triton.Config]:
+    # tf32x3 spills on 32-row tiles; fp32 FMA dots ("ieee") on 64-row tiles at 3 stages.
+    return {"tf32x3": _GRAM_64, "ieee": [_GRAM_64[0], *_GRAM_32]}.get(kwargs["DOT"], _GRAM_CONFIGS)
 
 
 @triton.jit
@@ -60,7 +62,7 @@ def _shift_kernel(
     tl.store(shift_ptr + b * D + cols, shift, mask=col_ok)
 
 
-@autotune(_GRAM_FAST_CONFIGS, _GRAM_IEEE_CONFIGS, _GRAM_INTERPRETER_CONFIG, key=["K_BUCKET", "D", "DOT"])
+@autotune(_GRAM_CONFIGS, _gram_candidates, _GRAM_INTERPRETER_CONFIG, key=["K_BUCKET", "D", "DOT"])
 @triton.jit
 def _gram_kernel(
     x_ptr, order_ptr, n_ptr, kmax_ptr, shift_ptr, bounds_ptr, g_ptr, sq_ptr,

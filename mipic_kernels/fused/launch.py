@@ -79,26 +79,23 @@ class _SingleConfig:
 
 
 def autotune(
-    fast_configs: Sequence[triton.Config], ieee_configs: Sequence[triton.Config],
+    configs: Sequence[triton.Config], candidates: Callable[[dict], Sequence[triton.Config]],
     interpreter_config: triton.Config, key: Sequence[str],
 ) -> Callable:
-    """``triton.autotune`` keyed on ``key`` (plus the dtypes of the tensor arguments, which
-    triton adds) over ``fast_configs`` when the kernel's ``DOT`` is a split scheme and
-    ``ieee_configs`` when it is ``"ieee"`` (fp32 FMA dots need smaller steps to stay
-    within the register file), or the single ``interpreter_config`` when interpreting.
-    Kernels under it must only write their outputs (no accumulation into them), since
-    tuning runs them several times."""
+    """``triton.autotune`` over ``configs`` keyed on ``key`` (plus the dtypes of the tensor
+    arguments, which triton adds), trying at each launch only ``candidates(kwargs)``
+    (a subset of ``configs`` picked from the launch's constexprs, e.g. the dot scheme:
+    fp32 FMA dots need smaller steps to stay within the register file), or the single
+    ``interpreter_config`` when interpreting. Kernels under it must only write their
+    outputs (no accumulation into them), since tuning runs them several times."""
     if INTERPRETING:
         return lambda fn: _SingleConfig(fn, interpreter_config)
 
-    def by_dot(configs, named_args, **kwargs):
-        wanted = ieee_configs if kwargs["DOT"] == IEEE else fast_configs
-        return [c for c in configs if any(c is w for w in wanted)]
+    def prune(all_configs, named_args, **kwargs):
+        wanted = candidates(kwargs)
+        return [c for c in all_configs if any(c is w for w in wanted)]
 
-    return triton.autotune(
-        configs=[*fast_configs, *ieee_configs], key=list(key),
-        prune_configs_by={"early_config_prune": by_dot},
-    )
+    return triton.autotune(configs=list(configs), key=list(key), prune_configs_by={"early_config_prune": prune})
 
 
 @functools.lru_cache(maxsize=None)

@@ -51,13 +51,14 @@ def backward(
     widths = len(dims)
     k_top = saved.grams.shape[-1]
     gy = saved.grams[:, -1:].expand(batch, widths, k_top, k_top)
+    kmax = k.amax(-1)
     coef = coefficients(
-        saved.grams[:, :widths], gy, k, saved.bw, saved.stats, saved.rowsums,
+        saved.grams[:, :widths], gy, k, kmax, saved.bw, saved.stats, saved.rowsums,
         upstream_scale(grad, value, saved.stats), kernel=kernel, unbiased=unbiased,
         full_grad=not detach_full,
     )
     return input_grad(
-        x, order, k.amax(-1), saved.shift, segment_bounds(dims, depth), coef,
+        x, order, kmax, saved.shift, segment_bounds(dims, depth), coef,
         n_prefix=widths, full_grad=not detach_full, precision=precision,
     )
 
