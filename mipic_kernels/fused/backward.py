@@ -25,7 +25,8 @@ import triton.language as tl
 
 from .launch import INTERPRETING, alignment, autotune, device_bounds, grad_dot, k_bucket
 from .stats import (
-    B, C, COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, entry_block, row_block, safe_count,
+    COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, entry_block, load_bandwidths, row_block,
+    safe_count,
 )
 from .tl_utils import centred_tile, dot_split, load_kernel_tile, load_shifted, split
 
@@ -66,8 +67,7 @@ def _entry_grads(
     ``rows`` of entry ``(b, w)``, rebuilt from the saved Grams, row sums and statistics."""
     entry = b * W + w
     a = tl.load(stats_ptr + entry * ROW + COL_A)
-    bwx = tl.load(bw_ptr + entry * 2)
-    bwy = tl.load(bw_ptr + entry * 2 + 1)
+    bwx, bwy = load_bandwidths(bw_ptr, entry)
     nf = safe_count(n, UNBIASED)
     gx = gx_ptr + b * stride_gxb + w * stride_gxw
     gy = gy_ptr + b * stride_gyb + w * stride_gyw
@@ -92,18 +92,29 @@ def _entry_grads(
 
 
 @triton.jit
+def _upstream_scale(grad_ptr, stride_ub, stride_uw, value_ptr, stats_ptr, b, w, W):
+    """``upstream gradient / sqrt(b c)`` of entry ``(b, w)`` where it is defined (its value
+    is finite), 0 where it is not, whatever the upstream gradient holds there."""
+    entry = b * W + w
+    defined = tl.abs(tl.load(value_ptr + entry)) < float("inf")
+    bc = tl.load(stats_ptr + entry * ROW + COL_B) * tl.load(stats_ptr + entry * ROW + COL_C)
+    grad = tl.load(grad_ptr + b * stride_ub + w * stride_uw).to(tl.float32)
+    return tl.where(defined, grad / tl.sqrt_rn(tl.where(defined, bc, 1.0)), 0.0)
+
+
+@triton.jit
 def _coef_rowsum_kernel(
-    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, ds_ptr, W, RB,
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, grad_ptr, value_ptr, ds_ptr, W, RB,
     stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
-    stride_rsb, stride_rsw, stride_rss, stride_dsb, stride_dsw, stride_dss,
+    stride_rsb, stride_rsw, stride_rss, stride_ub, stride_uw, stride_dsb, stride_dsw, stride_dss,
     RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
 ):
     """Row sums of ``dK`` (and ``dL``) at the rows of block ``rb`` of entry ``(b, w)``:
     complete, and equal to the column sums, since both are symmetric. Undefined entries
-    (``scale`` 0) and blocks past ``n`` do nothing."""
+    (scale 0) and blocks past ``n`` do nothing."""
     b, w, rb = entry_block(tl.program_id(0), W, RB)
     n = tl.load(n_ptr + b * W + w).to(tl.int32)
-    scale = tl.load(scale_ptr + b * W + w)
+    scale = _upstream_scale(grad_ptr, stride_ub, stride_uw, value_ptr, stats_ptr, b, w, W)
     if (scale == 0.0) | (rb * BM >= n):
         return
     rows = rb * BM + tl.arange(0, BM)
@@ -122,9 +133,9 @@ def _coef_rowsum_kernel(
 
 @triton.jit
 def _coef_kernel(
-    gx_ptr, gy_ptr, n_ptr, kmax_ptr, bw_ptr, stats_ptr, rs_ptr, scale_ptr, ds_ptr, coef_ptr, K, RB,
+    gx_ptr, gy_ptr, n_ptr, kmax_ptr, bw_ptr, stats_ptr, rs_ptr, grad_ptr, value_ptr, ds_ptr, coef_ptr, K, RB,
     stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
-    stride_rsb, stride_rsw, stride_rss, stride_dsb, stride_dsw, stride_dss,
+    stride_rsb, stride_rsw, stride_rss, stride_ub, stride_uw, stride_dsb, stride_dsw, stride_dss,
     stride_cb, stride_cs, stride_ci, stride_cj,
     W: tl.constexpr, RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
     KP: tl.constexpr, BM: tl.constexpr,
@@ -135,8 +146,8 @@ def _coef_kernel(
     full-Gram coefficients of every width. Each slot is written over ``kmax`` rows
     and all ``K`` columns, zeros included, so nothing is zero-filled first.
 
-    ``scale[b, w]`` is ``upstream gradient / sqrt(b c)`` and 0 for undefined entries,
-    which are skipped. ``dK`` is centred in exact arithmetic; in fp32 it carries
+    Each entry's gradient is scaled by ``upstream gradient / sqrt(b c)``; undefined
+    entries are skipped. ``dK`` is centred in exact arithmetic; in fp32 it carries
     rounding from ``K`` amplified by the centring, and centring it again (with the row
     sums of :func:`_coef_rowsum_kernel`, as autograd through the reference does
     implicitly) removes the part of that error that is not centred, which would
@@ -157,14 +168,13 @@ def _coef_kernel(
     for i in range(W):
         w = W - 1 - i
         n = tl.load(n_ptr + b * W + w).to(tl.int32)
-        scale = tl.load(scale_ptr + b * W + w)
+        scale = _upstream_scale(grad_ptr, stride_ub, stride_uw, value_ptr, stats_ptr, b, w, W)
         if (scale != 0.0) & (rb * BM < n):
             row_ok = rows < n
             col_ok = cols < n
             valid = row_ok[:, None] & col_ok[None, :]
             nf = safe_count(n, UNBIASED)
-            bwx = tl.load(bw_ptr + (b * W + w) * 2)
-            bwy = tl.load(bw_ptr + (b * W + w) * 2 + 1)
+            bwx, bwy = load_bandwidths(bw_ptr, b * W + w)
             kx, ky, dk, dl = _entry_grads(
                 gx_ptr, gy_ptr, bw_ptr, stats_ptr, rs_ptr, b, w, W, n, scale, rows, cols, row_ok, col_ok,
                 stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
@@ -261,13 +271,14 @@ def _dx_kernel(
 
 def coefficients(
     gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, kmax: torch.Tensor, bw: torch.Tensor,
-    stats: torch.Tensor, rowsums: torch.Tensor, scale: torch.Tensor, *, kernel: str, unbiased: bool,
-    full_grad: bool,
+    stats: torch.Tensor, rowsums: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, *,
+    kernel: str, unbiased: bool, full_grad: bool,
 ) -> torch.Tensor:
-    """``(B, W + full_grad, k, k)`` fp32 coefficients: slot ``w`` the sum of the x-side
-    coefficients of widths ``>= w`` (the coefficient of column segment ``w``), slot
-    ``W`` the sum of the y-side (full-width) coefficients of every width; written over
-    the leading ``kmax[b]`` rows (all columns) of each example and not elsewhere."""
+    """``(B, W + full_grad, k, k)`` fp32 coefficients of the upstream gradient
+    ``grad (B, W)`` of ``value (B, W)``: slot ``w`` the sum of the x-side coefficients of
+    widths ``>= w`` (the coefficient of column segment ``w``), slot ``W`` the sum of the
+    y-side (full-width) coefficients of every width; written over the leading
+    ``kmax[b]`` rows (all columns) of each example and not elsewhere."""
     batch, widths, size, _ = gx.shape
     f32 = dict(device=gx.device, dtype=torch.float32)
     coef = torch.empty(batch, widths + int(full_grad), size, size, **f32)
@@ -276,14 +287,14 @@ def coefficients(
     bm, kp = row_block(size)
     blocks = triton.cdiv(size, bm)
     dsums = torch.empty(batch, widths, 2, size, **f32)
-    n, scale, bw = n.contiguous(), scale.contiguous(), torch.nan_to_num(bw, nan=1.0)
-    strides = (*gx.stride(), *gy.stride(), *rowsums.stride()[:3], *dsums.stride()[:3])
+    n, value = n.contiguous(), value.contiguous()
+    strides = (*gx.stride(), *gy.stride(), *rowsums.stride()[:3], *grad.stride(), *dsums.stride()[:3])
     meta = dict(RBF=kernel == "rbf", UNBIASED=unbiased, FULL_GRAD=full_grad, KP=kp, BM=bm, num_warps=NUM_WARPS)
     _coef_rowsum_kernel[(batch * widths * blocks,)](
-        gx, gy, n, bw, stats, rowsums, scale, dsums, widths, blocks, *strides, **meta,
+        gx, gy, n, bw, stats, rowsums, grad, value, dsums, widths, blocks, *strides, **meta,
     )
     _coef_kernel[(batch * blocks,)](
-        gx, gy, n, kmax, bw, stats, rowsums, scale, dsums, coef, size, blocks, *strides, *coef.stride(),
+        gx, gy, n, kmax, bw, stats, rowsums, grad, value, dsums, coef, size, blocks, *strides, *coef.stride(),
         W=widths, **meta,
     )
     return coef
@@ -320,10 +331,3 @@ def launch_dx(
         N_SEG=len(bounds) - 1, SEG_P2=triton.next_power_of_2(len(bounds) - 1), N_PREFIX=n_prefix,
         FULL_GRAD=full_grad, ALIGN=alignment(bounds), DOT=grad_dot(x.dtype, precision), INTERPRET=INTERPRETING,
     )
-
-
-def upstream_scale(grad: torch.Tensor, value: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """``grad / sqrt(b c)`` at defined entries, 0 at undefined ones (whatever grad holds)."""
-    defined = torch.isfinite(value)
-    denom = torch.sqrt(torch.where(defined, stats[..., B] * stats[..., C], torch.ones_like(value)))
-    return torch.where(defined, grad.to(torch.float32) / denom, torch.zeros_like(value))

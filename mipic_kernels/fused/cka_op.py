@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .backward import coefficients, input_grad, upstream_scale
+from .backward import coefficients, input_grad
 from .gram import nested_grams
 from .saved import Saved, fake_saved
 from .stats import cka_from_grams
@@ -43,8 +43,8 @@ def backward(
     """Gradients wrt ``x`` and ``y`` of ``sum(grad * value)``, each only where needed."""
     # The y side's coefficient is the "full-width" slot of the coefficient kernel.
     coef = coefficients(
-        sx.grams, sy.grams, n[:, None], n, sx.bw, sx.stats, sx.rowsums,
-        upstream_scale(grad[:, None], value[:, None], sx.stats), kernel=kernel, unbiased=unbiased,
+        sx.grams, sy.grams, n[:, None], n, sx.bw, sx.stats, sx.rowsums, grad[:, None], value[:, None],
+        kernel=kernel, unbiased=unbiased,
         full_grad=need_y,
     )
     dx = dy = None

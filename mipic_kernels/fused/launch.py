@@ -5,17 +5,20 @@ Under Triton's interpreter every autotuned kernel gets a single config (autotuni
 would run each config many times in numpy), chosen small so that the tests' small
 shapes still span several tiles; on a GPU the configs are benchmarked once per key
 (the first call with a new key synchronises; later calls, and CUDA-graph captures
-after that warm-up, do not).
+after that warm-up, do not). Importing this module does not import triton (the byte
+model in :mod:`.traffic` uses the dot schemes without it).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-import triton
+
+if TYPE_CHECKING:
+    import triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -59,7 +62,7 @@ def alignment(bounds: Sequence[int]) -> int:
 
 def k_bucket(k_top: int) -> int:
     """The autotuning bucket of a Gram edge: the next power of two (at least 16)."""
-    return max(16, triton.next_power_of_2(k_top))
+    return max(16, 1 << (k_top - 1).bit_length())
 
 
 class _SingleConfig:
@@ -90,6 +93,7 @@ def autotune(
     outputs (no accumulation into them), since tuning runs them several times."""
     if INTERPRETING:
         return lambda fn: _SingleConfig(fn, interpreter_config)
+    import triton
 
     def prune(all_configs, named_args, **kwargs):
         wanted = candidates(kwargs)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..rules import segment_bounds
-from .backward import coefficients, input_grad, upstream_scale
+from .backward import coefficients, input_grad
 from .gram import nested_grams
 from .saved import Saved, fake_saved
 from .stats import cka_from_grams
@@ -35,7 +35,8 @@ def forward(
     )
     gy = grams[:, -1:].expand(batch, widths, k_top, k_top)
     value, bw, stats, rowsums = cka_from_grams(
-        grams[:, :widths], gy, k, sq[:, :widths], sq[:, -1:], kernel=kernel, unbiased=unbiased,
+        grams[:, :widths], gy, k, sq[:, :widths], sq[:, -1:].expand(batch, widths, k_top),
+        kernel=kernel, unbiased=unbiased,
         sigma=sigma, rbf_threshold=rbf_threshold,
     )
     return value, Saved(grams, shift, bw, stats, rowsums)
@@ -53,8 +54,8 @@ def backward(
     gy = saved.grams[:, -1:].expand(batch, widths, k_top, k_top)
     kmax = k.amax(-1)
     coef = coefficients(
-        saved.grams[:, :widths], gy, k, kmax, saved.bw, saved.stats, saved.rowsums,
-        upstream_scale(grad, value, saved.stats), kernel=kernel, unbiased=unbiased,
+        saved.grams[:, :widths], gy, k, kmax, saved.bw, saved.stats, saved.rowsums, grad, value,
+        kernel=kernel, unbiased=unbiased,
         full_grad=not detach_full,
     )
     return input_grad(

@@ -29,11 +29,12 @@ NUM_WARPS = 8
 
 # Columns of the per-(example, width) statistics record, for torch and (as constexpr
 # globals) for the kernels: the HSIC terms a = <P(K), P(L)>, b = <P(K), P(K)>,
-# c = <P(L), P(L)>, the traces and sums of the two Gram blocks (their spreads), and
-# the totals of the two kernel matrices.
-A, B, C, TRACE_X, TRACE_Y, SUM_X, SUM_Y, TOTAL_X, TOTAL_Y = range(9)
+# c = <P(L), P(L)>, the spreads sum_i |z_i - mean|^2 = trace(G) - sum(G) / n and sizes
+# sum_i |x_i|^2 (unshifted rows) of the two sides, and the totals of the two kernel
+# matrices. Every column is a sum over row blocks of per-block partials.
+A, B, C, SPREAD_X, SPREAD_Y, SIZE_X, SIZE_Y, TOTAL_X, TOTAL_Y = range(9)
 N_STATS = 9
-COL_A, COL_B, COL_C, COL_TRACE_X, COL_TRACE_Y, COL_SUM_X, COL_SUM_Y, COL_TOTAL_X, COL_TOTAL_Y = (
+COL_A, COL_B, COL_C, COL_SPREAD_X, COL_SPREAD_Y, COL_SIZE_X, COL_SIZE_Y, COL_TOTAL_X, COL_TOTAL_Y = (
     tl.constexpr(i) for i in range(N_STATS)
 )
 ROW = tl.constexpr(N_STATS)
@@ -53,6 +54,15 @@ def entry_block(pid, W, RB):
 
 
 @triton.jit
+def load_bandwidths(bw_ptr, entry):
+    """The two RBF bandwidths of an entry; a NaN one (an unusable median, which makes
+    the entry undefined) reads as 1 so that the kernel values stay finite."""
+    bwx = tl.load(bw_ptr + entry * 2)
+    bwy = tl.load(bw_ptr + entry * 2 + 1)
+    return tl.where(bwx == bwx, bwx, 1.0), tl.where(bwy == bwy, bwy, 1.0)
+
+
+@triton.jit
 def safe_count(n, UNBIASED: tl.constexpr):
     """The token count as fp32, raised to the estimator's minimum (4 unbiased, 1 biased)
     so that undefined entries (masked later) stay finite."""
@@ -63,14 +73,16 @@ def safe_count(n, UNBIASED: tl.constexpr):
 
 @triton.jit
 def _rowsum_kernel(
-    gx_ptr, gy_ptr, n_ptr, bw_ptr, part_ptr, rs_ptr, W, RB,
+    gx_ptr, gy_ptr, sqx_ptr, sqy_ptr, n_ptr, bw_ptr, part_ptr, rs_ptr, W, RB,
     stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    stride_sqxb, stride_sqxw, stride_sqyb, stride_sqyw,
     stride_pb, stride_pw, stride_pr, stride_rsb, stride_rsw, stride_rss,
     RBF: tl.constexpr, UNBIASED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
 ):
     """Pass 1 for the rows of block ``rb`` of entry ``(b, w)``: the kernel-matrix row sums
-    (complete: the matrices are symmetric) and the partial traces and sums of the two
-    Gram blocks. Row blocks past ``n`` write zero partials and nothing else."""
+    (complete: the matrices are symmetric) and the partial spreads and sizes of the two
+    sides (``sq*``: squared norms of the unshifted rows). Row blocks past ``n`` write zero
+    partials and nothing else."""
     b, w, rb = entry_block(tl.program_id(0), W, RB)
     n = tl.load(n_ptr + b * W + w).to(tl.int32)
     part = part_ptr + b * stride_pb + w * stride_pw + rb * stride_pr
@@ -78,14 +90,13 @@ def _rowsum_kernel(
     cols = tl.arange(0, KP)
     col_ok = cols < n
     if rb * BM >= n:
-        tl.store(part + COL_TRACE_X, 0.0)
-        tl.store(part + COL_TRACE_Y, 0.0)
-        tl.store(part + COL_SUM_X, 0.0)
-        tl.store(part + COL_SUM_Y, 0.0)
+        tl.store(part + COL_SPREAD_X, 0.0)
+        tl.store(part + COL_SPREAD_Y, 0.0)
+        tl.store(part + COL_SIZE_X, 0.0)
+        tl.store(part + COL_SIZE_Y, 0.0)
         return
     row_ok = rows < n
-    bwx = tl.load(bw_ptr + (b * W + w) * 2)
-    bwy = tl.load(bw_ptr + (b * W + w) * 2 + 1)
+    bwx, bwy = load_bandwidths(bw_ptr, b * W + w)
     gx = gx_ptr + b * stride_gxb + w * stride_gxw
     gy = gy_ptr + b * stride_gyb + w * stride_gyw
     rs = rs_ptr + b * stride_rsb + w * stride_rsw
@@ -95,11 +106,17 @@ def _rowsum_kernel(
     g2, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
     tl.store(rs + rows, tl.sum(kx, axis=1), mask=row_ok)
     tl.store(rs + stride_rss + rows, tl.sum(ky, axis=1), mask=row_ok)
+    # Spread = trace(G) - sum(G) / n: linear in the entries, so it splits by rows.
     mine = (cols >= rb * BM) & (cols < rb * BM + BM) & col_ok
-    tl.store(part + COL_TRACE_X, tl.sum(tl.where(mine, dx_c, 0.0), axis=0))
-    tl.store(part + COL_TRACE_Y, tl.sum(tl.where(mine, dy_c, 0.0), axis=0))
-    tl.store(part + COL_SUM_X, tl.sum(tl.sum(g1, axis=1), axis=0))
-    tl.store(part + COL_SUM_Y, tl.sum(tl.sum(g2, axis=1), axis=0))
+    n_safe = tl.maximum(n, 1).to(tl.float32)
+    spread_x = tl.sum(tl.where(mine, dx_c, 0.0), axis=0) - tl.sum(tl.sum(g1, axis=1), axis=0) / n_safe
+    spread_y = tl.sum(tl.where(mine, dy_c, 0.0), axis=0) - tl.sum(tl.sum(g2, axis=1), axis=0) / n_safe
+    tl.store(part + COL_SPREAD_X, spread_x)
+    tl.store(part + COL_SPREAD_Y, spread_y)
+    sqx = tl.load(sqx_ptr + b * stride_sqxb + w * stride_sqxw + rows, mask=row_ok, other=0.0)
+    sqy = tl.load(sqy_ptr + b * stride_sqyb + w * stride_sqyw + rows, mask=row_ok, other=0.0)
+    tl.store(part + COL_SIZE_X, tl.sum(sqx, axis=0))
+    tl.store(part + COL_SIZE_Y, tl.sum(sqy, axis=0))
 
 
 @triton.jit
@@ -131,8 +148,7 @@ def _hsic_kernel(
     row_ok = rows < n
     valid = row_ok[:, None] & col_ok[None, :]
     nf = safe_count(n, UNBIASED)
-    bwx = tl.load(bw_ptr + (b * W + w) * 2)
-    bwy = tl.load(bw_ptr + (b * W + w) * 2 + 1)
+    bwx, bwy = load_bandwidths(bw_ptr, b * W + w)
     gx = gx_ptr + b * stride_gxb + w * stride_gxw
     gy = gy_ptr + b * stride_gyb + w * stride_gyw
     rs = rs_ptr + b * stride_rsb + w * stride_rsw
@@ -262,11 +278,12 @@ def bandwidths(
 
 
 def hsic_stats(
-    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, *,
-    kernel: str, unbiased: bool,
+    gx: torch.Tensor, gy: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor, n: torch.Tensor,
+    bw: torch.Tensor, *, kernel: str, unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of every entry from the ``(B, W, k, k)`` Gram views ``gx`` and ``gy``
-    (any strides, e.g. a width stride of 0 for the shared full-width Gram).
+    and the ``(B, W, k)`` squared norms of their unshifted rows (any strides, e.g. a
+    width stride of 0 for the shared full width).
 
     Returns ``stats (B, W, N_STATS)`` fp32 (columns ``A`` ... ``TOTAL_Y``) and the
     kernel-matrix row sums ``(B, W, 2, k)`` fp32 that the backward pass reuses, written
@@ -279,15 +296,16 @@ def hsic_stats(
     part = torch.empty(batch, widths, blocks, N_STATS, **f32)
     rowsums = torch.empty(batch, widths, 2, size, **f32)
     if batch > 0:
-        # A NaN bandwidth marks an unusable median; any positive value keeps the kernel finite.
-        args = (
-            gx, gy, n.contiguous(), torch.nan_to_num(bw, nan=1.0), part, rowsums, widths, blocks,
-            *gx.stride(), *gy.stride(), *part.stride()[:3], *rowsums.stride()[:3],
-        )
+        n = n.contiguous()
+        grams = (*gx.stride(), *gy.stride())
+        outputs = (*part.stride()[:3], *rowsums.stride()[:3])
         meta = dict(RBF=kernel == "rbf", UNBIASED=unbiased, KP=kp, BM=bm, num_warps=NUM_WARPS)
         grid = (batch * widths * blocks,)
-        _rowsum_kernel[grid](*args, **meta)
-        _hsic_kernel[grid](*args, **meta)
+        _rowsum_kernel[grid](
+            gx, gy, sq_x, sq_y, n, bw, part, rowsums, widths, blocks,
+            *grams, *sq_x.stride()[:2], *sq_y.stride()[:2], *outputs, **meta,
+        )
+        _hsic_kernel[grid](gx, gy, n, bw, part, rowsums, widths, blocks, *grams, *outputs, **meta)
     return part.sum(2), rowsums
 
 
@@ -296,21 +314,15 @@ def cka_from_grams(
     *, kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CKA of every entry from its ``(B, W, k, k)`` Gram views, ``n (B, W)`` token counts
-    and the running squared row norms ``sq_*`` of the unshifted rows.
+    and the ``(B, W, k)`` running squared row norms ``sq_*`` of the unshifted rows.
 
     Returns ``(value (B, W), bw, stats, rowsums)``: the values and what the backward
     pass reuses.
     """
     bw = bandwidths(gx, gy, n, kernel=kernel, sigma=sigma, rbf_threshold=rbf_threshold)
-    stats, rowsums = hsic_stats(gx, gy, n, bw, kernel=kernel, unbiased=unbiased)
-    count = n.to(torch.float32)
-    spread_x = stats[..., TRACE_X] - stats[..., SUM_X] / count.clamp(min=1)
-    spread_y = stats[..., TRACE_Y] - stats[..., SUM_Y] / count.clamp(min=1)
-    # sq is written only over the rows each slot uses: select, never multiply by a mask.
-    rows = torch.arange(gx.shape[-1], device=n.device) < n[..., None]
+    stats, rowsums = hsic_stats(gx, gy, sq_x, sq_y, n, bw, kernel=kernel, unbiased=unbiased)
     defined = defined_entries(
-        count, spread_x, spread_y,
-        torch.where(rows, sq_x, 0.0).sum(-1), torch.where(rows, sq_y, 0.0).sum(-1), stats[..., B], stats[..., C],
-        torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
+        n.to(torch.float32), stats[..., SPREAD_X], stats[..., SPREAD_Y], stats[..., SIZE_X], stats[..., SIZE_Y],
+        stats[..., B], stats[..., C], torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
     )
     return cka_value(stats[..., A], stats[..., B], stats[..., C], defined), bw, stats, rowsums
