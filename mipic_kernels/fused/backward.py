@@ -25,10 +25,10 @@ import triton.language as tl
 
 from .launch import INTERPRETING, alignment, autotune, device_bounds, grad_dot, k_bucket
 from .stats import (
-    COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, entry_block, load_bandwidths, row_block,
-    safe_count,
+    COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, entry_block, entry_kernel_tiles, load_bandwidths,
+    row_block, safe_count,
 )
-from .tl_utils import centred_tile, dot_split, load_kernel_tile, load_shifted, split
+from .tl_utils import centred_tile, dot_split, load_shifted, split
 
 # Output tiles of BM ranks x BLOCK_D columns, BK ranks per step of the sweep. The split
 # dots' candidates compile for sm_90 without register spills, with the full-width
@@ -67,16 +67,13 @@ def _entry_grads(
     ``rows`` of entry ``(b, w)``, rebuilt from the saved Grams, row sums and statistics."""
     entry = b * W + w
     a = tl.load(stats_ptr + entry * ROW + COL_A)
-    bwx, bwy = load_bandwidths(bw_ptr, entry)
     nf = safe_count(n, UNBIASED)
-    gx = gx_ptr + b * stride_gxb + w * stride_gxw
-    gy = gy_ptr + b * stride_gyb + w * stride_gyw
     rs = rs_ptr + b * stride_rsb + w * stride_rsw
     valid = row_ok[:, None] & col_ok[None, :]
-    sqx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
-    sqy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
-    _, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, sqx_c, bwx, RBF, UNBIASED)
-    _, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, sqy_c, bwy, RBF, UNBIASED)
+    _, kx, _, _, ky, _ = entry_kernel_tiles(
+        gx_ptr, gy_ptr, bw_ptr, b, w, W, rows, cols, row_ok, col_ok,
+        stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj, RBF, UNBIASED,
+    )
     px = centred_tile(
         kx, tl.load(rs + rows, mask=row_ok, other=0.0), tl.load(rs + cols, mask=col_ok, other=0.0),
         tl.load(stats_ptr + entry * ROW + COL_TOTAL_X), nf, rows, cols, valid, UNBIASED,

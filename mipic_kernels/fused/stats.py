@@ -32,9 +32,10 @@ NUM_WARPS = 8
 # c = <P(L), P(L)>, the spreads sum_i |z_i - mean|^2 = trace(G) - sum(G) / n and sizes
 # sum_i |x_i|^2 (unshifted rows) of the two sides, and the totals of the two kernel
 # matrices. Every column is a sum over row blocks of per-block partials.
-A, B, C, SPREAD_X, SPREAD_Y, SIZE_X, SIZE_Y, TOTAL_X, TOTAL_Y = range(9)
+# The first five come from the HSIC pass, the last four from the row-sum pass.
+A, B, C, TOTAL_X, TOTAL_Y, SPREAD_X, SPREAD_Y, SIZE_X, SIZE_Y = range(9)
 N_STATS = 9
-COL_A, COL_B, COL_C, COL_SPREAD_X, COL_SPREAD_Y, COL_SIZE_X, COL_SIZE_Y, COL_TOTAL_X, COL_TOTAL_Y = (
+COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, COL_SPREAD_X, COL_SPREAD_Y, COL_SIZE_X, COL_SIZE_Y = (
     tl.constexpr(i) for i in range(N_STATS)
 )
 ROW = tl.constexpr(N_STATS)
@@ -72,6 +73,41 @@ def safe_count(n, UNBIASED: tl.constexpr):
 
 
 @triton.jit
+def entry_kernel_tiles(
+    gx_ptr, gy_ptr, bw_ptr, b, w, W, rows, cols, row_ok, col_ok,
+    stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr,
+):
+    """``(G, K, diag G, H, L, diag H)`` of entry ``(b, w)`` at rows ``rows``: its two Gram
+    blocks (prefix and full width), their kernel matrices and their diagonals at
+    ``cols``."""
+    bwx, bwy = load_bandwidths(bw_ptr, b * W + w)
+    gx = gx_ptr + b * stride_gxb + w * stride_gxw
+    gy = gy_ptr + b * stride_gyb + w * stride_gyw
+    dx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
+    dy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
+    g1, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
+    g2, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
+    return g1, kx, dx_c, g2, ky, dy_c
+
+
+@triton.jit
+def _zero_partials(part, FIRST: tl.constexpr, COUNT: tl.constexpr):
+    """Zero the ``COUNT`` partial columns from ``FIRST`` of a row block past ``n``."""
+    cols = tl.arange(0, 8)
+    tl.store(part + FIRST + cols, tl.zeros([8], dtype=tl.float32), mask=cols < COUNT)
+
+
+@triton.jit
+def _row_block(n_ptr, part_ptr, W, RB, stride_pb, stride_pw, stride_pr, BM: tl.constexpr, KP: tl.constexpr):
+    """``(b, w, rb, n, partials pointer, rows, cols)`` of a program of the statistics grid."""
+    b, w, rb = entry_block(tl.program_id(0), W, RB)
+    n = tl.load(n_ptr + b * W + w).to(tl.int32)
+    part = part_ptr + b * stride_pb + w * stride_pw + rb * stride_pr
+    return b, w, rb, n, part, rb * BM + tl.arange(0, BM), tl.arange(0, KP)
+
+
+@triton.jit
 def _rowsum_kernel(
     gx_ptr, gy_ptr, sqx_ptr, sqy_ptr, n_ptr, bw_ptr, part_ptr, rs_ptr, W, RB,
     stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
@@ -83,27 +119,17 @@ def _rowsum_kernel(
     (complete: the matrices are symmetric) and the partial spreads and sizes of the two
     sides (``sq*``: squared norms of the unshifted rows). Row blocks past ``n`` write zero
     partials and nothing else."""
-    b, w, rb = entry_block(tl.program_id(0), W, RB)
-    n = tl.load(n_ptr + b * W + w).to(tl.int32)
-    part = part_ptr + b * stride_pb + w * stride_pw + rb * stride_pr
-    rows = rb * BM + tl.arange(0, BM)
-    cols = tl.arange(0, KP)
-    col_ok = cols < n
+    b, w, rb, n, part, rows, cols = _row_block(n_ptr, part_ptr, W, RB, stride_pb, stride_pw, stride_pr, BM, KP)
     if rb * BM >= n:
-        tl.store(part + COL_SPREAD_X, 0.0)
-        tl.store(part + COL_SPREAD_Y, 0.0)
-        tl.store(part + COL_SIZE_X, 0.0)
-        tl.store(part + COL_SIZE_Y, 0.0)
+        _zero_partials(part, COL_SPREAD_X, 4)
         return
     row_ok = rows < n
-    bwx, bwy = load_bandwidths(bw_ptr, b * W + w)
-    gx = gx_ptr + b * stride_gxb + w * stride_gxw
-    gy = gy_ptr + b * stride_gyb + w * stride_gyw
+    col_ok = cols < n
+    g1, kx, dx_c, g2, ky, dy_c = entry_kernel_tiles(
+        gx_ptr, gy_ptr, bw_ptr, b, w, W, rows, cols, row_ok, col_ok,
+        stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj, RBF, UNBIASED,
+    )
     rs = rs_ptr + b * stride_rsb + w * stride_rsw
-    dx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
-    dy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
-    g1, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
-    g2, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
     tl.store(rs + rows, tl.sum(kx, axis=1), mask=row_ok)
     tl.store(rs + stride_rss + rows, tl.sum(ky, axis=1), mask=row_ok)
     # Spread = trace(G) - sum(G) / n: linear in the entries, so it splits by rows.
@@ -132,34 +158,23 @@ def _hsic_kernel(
     ``<U(K), L~>``; the centred form avoids the cancellation of the expanded bracket in
     fp32. Every program of an entry sums the same row sums to the kernel totals, the
     same way; block 0 records them."""
-    b, w, rb = entry_block(tl.program_id(0), W, RB)
-    n = tl.load(n_ptr + b * W + w).to(tl.int32)
-    part = part_ptr + b * stride_pb + w * stride_pw + rb * stride_pr
-    rows = rb * BM + tl.arange(0, BM)
-    cols = tl.arange(0, KP)
-    col_ok = cols < n
+    b, w, rb, n, part, rows, cols = _row_block(n_ptr, part_ptr, W, RB, stride_pb, stride_pw, stride_pr, BM, KP)
     if rb * BM >= n:
-        tl.store(part + COL_A, 0.0)
-        tl.store(part + COL_B, 0.0)
-        tl.store(part + COL_C, 0.0)
-        tl.store(part + COL_TOTAL_X, 0.0)
-        tl.store(part + COL_TOTAL_Y, 0.0)
+        _zero_partials(part, COL_A, 5)
         return
     row_ok = rows < n
+    col_ok = cols < n
     valid = row_ok[:, None] & col_ok[None, :]
     nf = safe_count(n, UNBIASED)
-    bwx, bwy = load_bandwidths(bw_ptr, b * W + w)
-    gx = gx_ptr + b * stride_gxb + w * stride_gxw
-    gy = gy_ptr + b * stride_gyb + w * stride_gyw
+    _, kx, _, _, ky, _ = entry_kernel_tiles(
+        gx_ptr, gy_ptr, bw_ptr, b, w, W, rows, cols, row_ok, col_ok,
+        stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj, RBF, UNBIASED,
+    )
     rs = rs_ptr + b * stride_rsb + w * stride_rsw
-    dx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
-    dy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
     rx_c = tl.load(rs + cols, mask=col_ok, other=0.0)
     ry_c = tl.load(rs + stride_rss + cols, mask=col_ok, other=0.0)
     t_x = tl.sum(rx_c, axis=0)
     t_y = tl.sum(ry_c, axis=0)
-    _, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
-    _, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
     rx_r = tl.load(rs + rows, mask=row_ok, other=0.0)
     ry_r = tl.load(rs + stride_rss + rows, mask=row_ok, other=0.0)
     px = centred_tile(kx, rx_r, rx_c, t_x, nf, rows, cols, valid, UNBIASED)
