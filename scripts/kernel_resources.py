@@ -67,6 +67,7 @@ class Row:
     case: str
     meta: str
     warps: int
+    stages: int
     registers: int
     spill_bytes: int
     shared: int
@@ -107,7 +108,8 @@ def compile_only(rows: list[Row], case: str):
             f"{k}={v}" for k, v in kwargs.items()
             if k.isupper() and k not in ("INTERPRET", "ALIGN", "K_BUCKET") and not k.startswith("stride")
         )
-        rows.append(Row(fn.fn.__name__, case, meta, kernel.metadata.num_warps, regs, spills, kernel.metadata.shared))
+        rows.append(Row(fn.fn.__name__, case, meta, kernel.metadata.num_warps, kernel.metadata.num_stages, regs,
+                        spills, kernel.metadata.shared))
         return kernel
 
     def jit_run(self, *args, grid, warmup, **kwargs):
@@ -165,16 +167,16 @@ def collect() -> list[Row]:
 
 def markdown(rows: list[Row]) -> str:
     seen, lines = set(), [
-        "| kernel | case | constexprs | warps | registers | spilled bytes | shared KiB | CTAs/SM | occupancy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kernel | case | constexprs | warps | stages | registers | spilled bytes | shared KiB | CTAs/SM | occupancy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        key = (r.kernel, r.meta, r.warps, r.registers, r.spill_bytes, r.shared)
+        key = (r.kernel, r.meta, r.warps, r.stages, r.registers, r.spill_bytes, r.shared)
         if key in seen:  # the same compiled kernel, reached by another case
             continue
         seen.add(key)
         lines.append(
-            f"| `{r.kernel}` | {r.case} | {r.meta} | {r.warps} | {r.registers} | {r.spill_bytes} | "
+            f"| `{r.kernel}` | {r.case} | {r.meta} | {r.warps} | {r.stages} | {r.registers} | {r.spill_bytes} | "
             f"{r.shared / 1024:.1f} | {r.ctas_per_sm()} | {r.occupancy():.0%} |"
         )
     return "\n".join(lines)
