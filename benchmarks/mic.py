@@ -4,7 +4,7 @@
     python -m benchmarks.mic --preset bert-base --mode full --repeats 30
 
 Workloads are one layer's token states ``x (B, T, D)`` with padded sentences of varying
-length (as :func:`benchmarks.presets.make_workload` draws them) at a backbone's widths.
+length (as :func:`benchmarks.workload.make_workload` draws them) at a backbone's widths.
 ``scr`` times :func:`mipic_kernels.soft_collapse` summed over widths; ``sir`` times
 :func:`mipic_kernels.spectral_isotropy` of the mask-mean-pooled states (the pooling
 included, as MIC runs it). Providers:
@@ -16,9 +16,11 @@ included, as MIC runs it). Providers:
 * ``torch.compile``: the reference under ``torch.compile(dynamic=False)``, compile time
   excluded.
 
-Modes, timing and peak memory are those of :mod:`benchmarks.measure`. Rows are appended
-to ``benchmarks/results/mic.csv`` in the schema of :mod:`benchmarks.records` (``kernel``
-holds ``scr`` or ``sir``).
+Modes, timing (``--repeats`` timed calls per case) and peak memory are those of
+:mod:`benchmarks.measure`. Rows are appended to ``mic.csv`` in the folder of
+:func:`benchmarks.records.default_root`, outside the checkout, or to ``--csv PATH``
+(``--csv benchmarks/results/mic.csv`` refreshes the committed rows), in the schema of
+:mod:`benchmarks.records` (``kernel`` holds ``scr`` or ``sir``).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ import torch
 import torch.nn.functional as F
 
 import mipic_kernels as mk
+from mipic import machine
 from mipic_kernels.mic import VARIANCE_EPS
 
-from . import measure, records
-from .presets import parse_dtype
+from . import flags, measure, records
+from .catalog import MODES, dtype_name
+from .workload import torch_dtype
 
 REGULARISERS = ("scr", "sir")
 PROVIDERS = ("loop", "torch", "torch.compile")
@@ -135,17 +139,20 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS))
     parser.add_argument("--regulariser", nargs="+", choices=REGULARISERS, default=list(REGULARISERS))
     parser.add_argument("--provider", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--mode", nargs="+", choices=measure.MODES, default=["full", "no-grad"])
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=["full", "no-grad"])
     parser.add_argument("--dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--csv", help=f"results file (default benchmarks/results/{CSV_NAME})")
+    parser.add_argument("--csv", help=f"results file (default {records.default_root() / CSV_NAME})")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = parse_dtype(args.dtype, device)
+    dtype = torch_dtype(dtype_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32")))
+    # A fixed number of timed calls: min_calls = max_calls, no time limit.
+    budget = measure.Budget(min_calls=args.repeats, max_calls=args.repeats, seconds=math.inf)
+    threads = 1 if device.type == "cuda" else torch.get_num_threads()
     names = args.preset or [p.name for p in PRESETS.values() if (p.gpu if device.type == "cuda" else p.cpu)]
     env = {"date": records.utc_now(), "commit": records.commit_id(), "device": records.device_name(device),
            "torch": torch.__version__, "triton": records.triton_version()}
@@ -160,16 +167,21 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 loss = build(provider, regulariser, preset.dims)
                 for mode in args.mode:
                     m = measure.measure(measure.mode_case(loss, workload, mode), workload,
-                                        warmup=args.warmup, repeats=args.repeats)
+                                        warmup=args.warmup, budget=budget)
                     print(f"{name:11s} {regulariser:4s} {provider:14s} {mode:8s} {m.p20_ms:9.3f} {m.p50_ms:9.3f} "
                           f"{m.p80_ms:9.3f} {m.peak_mib:9.2f}", flush=True)
                     rows.append({**env, "preset": name, "shape": f"B{preset.batch}xT{preset.tokens}xD{preset.depth}",
                                  "dtype": str(dtype).replace("torch.", ""), "kernel": regulariser,
                                  "provider": provider, "mode": mode, "p20_ms": round(m.p20_ms, 4),
                                  "p50_ms": round(m.p50_ms, 4), "p80_ms": round(m.p80_ms, 4),
-                                 "peak_mib": round(m.peak_mib, 3), "timer": m.timer})
+                                 "peak_mib": round(m.peak_mib, 3), "timer": m.timer,
+                                 "p50_ci_pct": round(100 * m.ci, 2), "load_before": m.load.before,
+                                 "load_after": m.load.after, "others_cores": m.load.others_cores,
+                                 "flags": ";".join(flags.row_flags(
+                                     p20=m.p20_ms, p80=m.p80_ms, stable=m.stable, others_cores=m.load.others_cores,
+                                     cores=machine.cpu_count(), threads=threads))})
     if not args.no_csv:
-        path = Path(args.csv) if args.csv else records.RESULTS_DIR / CSV_NAME
+        path = Path(args.csv) if args.csv else records.default_root() / CSV_NAME
         records.append_rows(path, rows)
         print(f"appended {len(rows)} rows to {path}")
     return rows

@@ -1,10 +1,11 @@
 """Figures from the benchmark CSV: speed and peak memory per preset and device.
 
-``python -m benchmarks.plot`` (or ``mipic-bench plot``) writes one PNG per preset,
-device and dtype next to the CSV: the top row gives the p50 time of each provider
-(bars, log scale) with its p20-p80 range, the bottom row the peak memory, one
-column per mode. When the CSV holds the same case more than once, the latest row
-counts. Needs matplotlib (``pip install mipic-kernels[bench]``).
+``mipic-bench`` draws them at the end of a run; ``mipic-bench plot --out DIR`` redraws
+those of a results folder. One PNG per preset, device and dtype, next to the CSV: the
+top row gives the p50 time of each provider (bars, log scale) with its p20-p80 range,
+the bottom row the peak memory, one column per mode; hatched bars are flagged rows
+(:mod:`benchmarks.flags`). When the CSV holds the same case more than once, the latest
+row counts. Needs matplotlib (``pip install mipic-kernels[bench]``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import records
-from .measure import MODES
-from .providers import COPY, PROVIDERS
+from .catalog import COPY, MODES, PROVIDERS
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -68,7 +68,7 @@ def plot_csv(csv_path: Path, out_dir: Optional[Path] = None, device: Optional[st
             speed, memory = axes[0][col], axes[1][col]
             for i, provider in enumerate(providers):
                 color = f"C{order.index(provider)}"
-                xs, p50, lo, hi, mib = [], [], [], [], []
+                xs, p50, lo, hi, mib, hatch = [], [], [], [], [], []
                 for j, shape in enumerate(shapes):
                     row = by_key.get((shape, provider))
                     if row is None:
@@ -78,7 +78,10 @@ def plot_csv(csv_path: Path, out_dir: Optional[Path] = None, device: Optional[st
                     lo.append(float(row["p50_ms"]) - float(row["p20_ms"]))
                     hi.append(float(row["p80_ms"]) - float(row["p50_ms"]))
                     mib.append(float(row["peak_mib"]))
-                speed.bar(xs, p50, width, yerr=[lo, hi], capsize=2, label=provider, color=color)
+                    hatch.append("//" if row["flags"] else "")
+                bars = speed.bar(xs, p50, width, yerr=[lo, hi], capsize=2, label=provider, color=color)
+                for bar, pattern in zip(bars, hatch):
+                    bar.set_hatch(pattern)
                 memory.bar(xs, mib, width, label=provider, color=color)
             speed.set_yscale("log")
             speed.yaxis.set_major_formatter(plain)
@@ -91,7 +94,8 @@ def plot_csv(csv_path: Path, out_dir: Optional[Path] = None, device: Optional[st
                 ax.set_xticklabels(shapes, rotation=20, ha="right", fontsize=8)
                 ax.grid(axis="y", alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"nested top-k CKA loss, preset {preset} ({kernel}, {dtype}) on {dev}")
+        flagged = " (hatched: flagged, the machine was busy)" if any(r["flags"] for r in group) else ""
+        fig.suptitle(f"nested top-k CKA loss, preset {preset} ({kernel}, {dtype}) on {dev}{flagged}")
         fig.tight_layout()
         path = out_dir / f"{_slug(preset)}_{_slug(dev)}_{dtype}.png"
         fig.savefig(path, dpi=110)
@@ -106,19 +110,23 @@ def _slug(text: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mipic-bench plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--csv", type=Path, default=None,
-                        help=f"results CSV (default {records.default_csv()})")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: the CSV's)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help=f"results folder: reads DIR/{records.CSV_NAME} and writes the PNGs there "
+                             f"(default: the latest run under {records.default_root()})")
     parser.add_argument("--device", default=None, help="only rows whose device name contains this")
     args = parser.parse_args(argv)
-    csv_path = args.csv or records.default_csv()
-    if not csv_path.exists():
-        raise SystemExit(f"mipic-bench plot: no results at {csv_path}; run mipic-bench first")
+    out_dir = args.out or records.latest_run()
+    if out_dir is None:
+        raise SystemExit(f"mipic-bench plot: no run under {records.default_root()}; run mipic-bench first "
+                         "or pass --out DIR")
+    csv_path = out_dir / records.CSV_NAME
+    if not csv_path.is_file():
+        raise SystemExit(f"mipic-bench plot: no results at {csv_path.resolve()}; run mipic-bench first")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise SystemExit("mipic-bench plot needs matplotlib: pip install 'mipic-kernels[bench]'") from None
-    for path in plot_csv(csv_path, args.out, args.device):
+    for path in plot_csv(csv_path, out_dir, args.device):
         print(path)
     return 0
 

@@ -1,4 +1,4 @@
-"""The implementations a benchmark compares, in one registry.
+"""The implementations a benchmark compares, one per name of :data:`benchmarks.catalog.PROVIDERS`.
 
 Every provider turns a workload into ``loss(x, mask) -> scalar``: MIPIC's geometric
 term, the sum over widths of the mean ``1 - CKA`` between each width prefix and the
@@ -26,10 +26,9 @@ import torch
 
 from mipic_kernels import NestedCKALoss, nested_cka
 
-from .presets import Workload
+from .workload import Workload
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-COPY = "copy"
 
 # The naive loops run one small float64 product after another: on a CPU a
 # bert-base batch takes seconds per call, so larger shapes are skipped there.
@@ -42,7 +41,6 @@ class Provider:
     a workload cannot run (None when it can)."""
 
     name: str
-    description: str
     build: Callable[[Workload, str], LossFn]
     skip_reason: Callable[[Workload], Optional[str]]
 
@@ -185,13 +183,9 @@ def _triton_skip(workload: Workload) -> Optional[str]:
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
-        Provider("naive", "Python loops, float64 feature-space CKA, topk per width",
-                 _naive_build, _naive_skip),
-        Provider("torch", "vectorised eager reference (backend='torch')",
-                 _backend_build("torch"), _always),
-        Provider("torch.compile", "torch.compile(reference, dynamic=False), compile time excluded",
-                 _compile_build, _always),
-        Provider("triton", "fused Triton kernels (backend='triton')",
-                 _backend_build("triton"), _triton_skip),
+        Provider("naive", _naive_build, _naive_skip),
+        Provider("torch", _backend_build("torch"), _always),
+        Provider("torch.compile", _compile_build, _always),
+        Provider("triton", _backend_build("triton"), _triton_skip),
     )
 }

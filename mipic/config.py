@@ -130,7 +130,14 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     save_every: Optional[int] = None
+    # Checkpoints left after the final model is saved: the latest N (null = all). While
+    # training, older ones than the latest max(N, 1) are deleted as new ones are written.
+    keep_checkpoints: Optional[int] = 0
     device: str = "auto"
+    # CPU threads: "auto" measures how many cores other processes keep busy and takes the
+    # rest (at most torch's default, one per core); an int fixes the count.
+    threads: Union[Literal["auto"], int] = "auto"
+    # The start-up summary and a progress bar (a line per log record when not a terminal).
     progress: bool = True
 
 
@@ -149,13 +156,26 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     """Read a YAML file (or start from the defaults) and apply ``key=value`` overrides.
 
     Values of overrides are parsed as YAML (``train.lr=1e-4``, ``model.dims=[8,16]``).
+    A relative ``data.path`` is looked for in the config file's folder, then in the
+    working directory, and replaced by the absolute path found; one found in neither is
+    an error that lists both.
     """
+    from .data import resolve_data_path
+
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
-    return config_from_dict(raw)
+    cfg = config_from_dict(raw)
+    folders = ([Path(path).parent] if path is not None else []) + [Path.cwd()]
+    paths = [resolve_data_path(p, cfg.data.format, folders) for p in _as_list(cfg.data.path)]
+    cfg.data.path = paths if isinstance(cfg.data.path, list) else paths[0]
+    return cfg
+
+
+def _as_list(value: Union[str, list[str]]) -> list[str]:
+    return value if isinstance(value, list) else [value]
 
 
 def config_from_dict(raw: Any) -> Config:
@@ -305,7 +325,7 @@ def _check_values(cfg: Config) -> None:
     _require(len(m.dims) >= 1, "model.dims must list at least one width")
     _check_increasing("model.dims", m.dims)
 
-    paths = d.path if isinstance(d.path, list) else [d.path]
+    paths = _as_list(d.path)
     _require(all(paths) and len(paths) >= 1, "data.path must be a file path, a list of them, or a dataset name")
     _require(d.max_examples is None or d.max_examples >= 1,
              f"data.max_examples must be an int >= 1 or null; got {d.max_examples}")
@@ -362,5 +382,8 @@ def _check_values(cfg: Config) -> None:
     _require(t.log_every >= 1, f"train.log_every must be an int >= 1; got {t.log_every}")
     _require(t.save_every is None or t.save_every >= 1,
              f"train.save_every must be an int >= 1 or null; got {t.save_every}")
+    _require(t.keep_checkpoints is None or t.keep_checkpoints >= 0,
+             f"train.keep_checkpoints must be an int >= 0 or null (keep all); got {t.keep_checkpoints}")
+    _require(t.threads == "auto" or t.threads >= 1, f"train.threads must be 'auto' or an int >= 1; got {t.threads}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"train.device must be 'auto', 'cpu' or 'cuda[:N]'; got {t.device!r}")

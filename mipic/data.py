@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -59,6 +60,29 @@ def detect_format(path: str) -> str:
     )
 
 
+def resolve_data_path(path: str, fmt: str, folders: Sequence[Path], what: str = "data.path") -> str:
+    """The absolute path of a local data file given relative to one of ``folders`` (the
+    first that holds it wins), or ``path`` itself when it is absolute or names a hub
+    dataset. A relative file found in none of them is an error that lists every
+    absolute path tried."""
+    if fmt == "hf":
+        return path
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return str(given)
+    tried = list(dict.fromkeys(Path(os.path.abspath(folder / given)) for folder in folders))
+    for candidate in tried:
+        if candidate.exists():
+            return str(candidate)
+    if fmt == "auto":
+        try:
+            if detect_format(path) == "hf":
+                return path
+        except DataError:
+            pass
+    raise DataError(f"{what} {path!r} does not exist: looked for {' and '.join(map(str, tried))}")
+
+
 def read_records(
     path: str,
     fmt: str = "auto",
@@ -82,7 +106,7 @@ def read_records(
         rows = _hf_rows(path, columns, label_column, hf_split, hf_config)
     else:
         if not Path(path).is_file():
-            raise DataError(f"data file {path} does not exist")
+            raise DataError(f"data file {os.path.abspath(path)} does not exist")
         readers = {
             "text": lambda: _text_rows(path),
             "csv": lambda: _delimited_rows(path, ",", columns, label_column),

@@ -3,13 +3,20 @@
 Works with encoders (BERT, MiniLM, TinyBERT, XLM-R such as BGE-M3) and decoders (Qwen3,
 Llama-like): decoders pool the last real token by default, encoders the [CLS] token,
 unless the model folder carries a sentence-transformers pooling configuration.
+
+A base model that is a sentence-transformers pipeline keeps what it adds around the
+backbone when it is saved again: its modules after pooling that leave the embedding
+space as it is (Normalize), its inference length (``max_seq_length``), lower-casing and
+prompts.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import shutil
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,6 +26,14 @@ from torch import nn
 POOLING_FILE = "mipic.json"
 _DECODER_TYPES = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "gemma", "gemma2", "gemma3", "gpt2", "phi3"}
 _ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "last"}
+_ST_MODULES = "modules.json"
+_ST_CONFIG = "config_sentence_transformers.json"
+_ST_TRANSFORMER_CONFIG = "sentence_bert_config.json"
+# Modules after pooling that a saved pipeline keeps: they leave the Matryoshka prefixes
+# meaningful. Others (Dense, ...) map the trained pooled output somewhere else.
+_KEPT_MODULE_TYPES = ("Normalize",)
+# Without a recorded inference length, a backbone is used up to this many tokens at most.
+_FALLBACK_LENGTH = 512
 
 
 @dataclass
@@ -27,6 +42,79 @@ class Encoded:
 
     hidden: tuple[torch.Tensor, ...]
     mask: torch.Tensor
+
+
+@dataclass
+class Pipeline:
+    """What a sentence-transformers folder adds around the backbone."""
+
+    # ``max_seq_length`` used at inference; None = the backbone's own limit.
+    max_seq_length: Optional[int] = None
+    do_lower_case: bool = False
+    # modules.json entries after Pooling that saving keeps, and the folders they came from.
+    modules: list[dict] = field(default_factory=list)
+    module_folders: dict[str, Path] = field(default_factory=dict)
+    # config_sentence_transformers.json (prompts, similarity function, ...).
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, name: str) -> "Pipeline":
+        """The pipeline of a local folder or hub model; empty for a plain transformers model."""
+        pipeline = cls()
+        bert_config = _read_json(name, _ST_TRANSFORMER_CONFIG)
+        pipeline.max_seq_length = bert_config.get("max_seq_length")
+        pipeline.do_lower_case = bool(bert_config.get("do_lower_case", False))
+        pipeline.config = _read_json(name, _ST_CONFIG)
+        modules = _read_json(name, _ST_MODULES, default=[])
+        kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+        after_pooling = kinds.index("Pooling") + 1 if "Pooling" in kinds else len(kinds)
+        for module, kind in zip(modules[after_pooling:], kinds[after_pooling:]):
+            if kind in _KEPT_MODULE_TYPES:
+                pipeline.modules.append(module)
+                if Path(name, module.get("path", "")).is_dir() and module.get("path"):
+                    pipeline.module_folders[module["path"]] = Path(name, module["path"])
+            else:
+                warnings.warn(
+                    f"{name}: the {kind} module after pooling is not kept in the saved model: the "
+                    "Matryoshka widths are trained on the pooled output, which it would transform",
+                    stacklevel=2,
+                )
+        return pipeline
+
+
+def _read_json(name: str, filename: str, default=None):
+    """A JSON file of a local model folder or a (cached) hub model; ``default`` or ``{}``
+    when it has none."""
+    path: Optional[Path] = Path(name, filename)
+    if not Path(name).is_dir():
+        from transformers.utils import cached_file
+
+        found = cached_file(name, filename, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        path = Path(found) if found else None
+    if path is None or not path.is_file():
+        return {} if default is None else default
+    return json.loads(path.read_text())
+
+
+def load_model_config(name: str, what: str = "model"):
+    """The transformers config of ``name``, or a ValueError that calls it ``what``
+    and says where it was looked for."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as err:
+        raise ValueError(_not_loadable(name, what, err)) from err
+
+
+def _not_loadable(name: str, what: str, err: Exception) -> str:
+    folder = Path(name).resolve()
+    where = (f"{folder} is not a model folder" if folder.is_dir()
+             else f"there is no folder {folder}")
+    offline = " and HF_HUB_OFFLINE is set, so only models in the local cache load" if os.environ.get(
+        "HF_HUB_OFFLINE") else ", and no hub model of that name could be reached"
+    return f"{what} {name!r} cannot be loaded: {where}{offline} ({str(err).splitlines()[0]})"
 
 
 def is_decoder(config) -> bool:
@@ -74,9 +162,12 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 class Encoder(nn.Module):
-    """A transformers backbone, its tokenizer and a pooling rule."""
+    """A transformers backbone, its tokenizer, a pooling rule, the length texts are cut to,
+    and the sentence-transformers pipeline it came with."""
 
-    def __init__(self, model: nn.Module, tokenizer, pooling: str, max_length: int) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, pooling: str, max_length: int, pipeline: Optional[Pipeline] = None,
+    ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean", "last"):
             raise ValueError(f"pooling must be 'cls', 'mean' or 'last'; got {pooling!r}")
@@ -84,25 +175,31 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
+        self.pipeline = pipeline or Pipeline()
 
     @classmethod
-    def from_pretrained(cls, name: str, pooling: str = "auto", max_length: int = 64) -> "Encoder":
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+    def from_pretrained(
+        cls, name: str, pooling: str = "auto", max_length: Optional[int] = None, *, what: str = "model",
+    ) -> "Encoder":
+        """Load a local folder or hub model. ``max_length`` None cuts texts at the model's
+        inference length (its sentence-transformers ``max_seq_length``, else the limit of
+        its tokenizer and position embeddings). ``what`` names ``name`` in errors."""
+        from transformers import AutoModel, AutoTokenizer
 
+        config = load_model_config(name, what)
         try:
-            config = AutoConfig.from_pretrained(name)
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModel.from_pretrained(name, config=config)
         except OSError as err:
-            offline = " (HF_HUB_OFFLINE is set: only local folders and cached models load)" if os.environ.get(
-                "HF_HUB_OFFLINE") else ""
-            raise ValueError(f"model.name {name!r} is neither a loadable local folder nor a reachable hub model"
-                             f"{offline}: {err}") from err
+            raise ValueError(_not_loadable(name, what, err)) from err
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if pooling == "auto":
             pooling = default_pooling(name, config)
-        return cls(model, tokenizer, pooling, max_length)
+        pipeline = Pipeline.read(name)
+        if max_length is None:
+            max_length = pipeline.max_seq_length or _backbone_limit(config, tokenizer)
+        return cls(model, tokenizer, pooling, max_length, pipeline)
 
     @property
     def hidden_size(self) -> int:
@@ -117,8 +214,9 @@ class Encoder(nn.Module):
         return next(self.model.parameters()).device
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        texts = [t.lower() for t in texts] if self.pipeline.do_lower_case else list(texts)
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -132,38 +230,59 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, texts: Sequence[str], batch_size: int = 64, layers: Optional[Sequence[int]] = None
+        self, texts: Sequence[str], batch_size: int = 64, layers: Optional[Sequence[int]] = None,
+        progress: bool = False,
     ) -> torch.Tensor:
-        """Pooled float32 embeddings ``(len(layers), N, D)`` (default: the last layer only)."""
+        """Pooled float32 embeddings ``(len(layers), N, D)`` (default: the last layer only),
+        in the order of ``texts``. Batches are formed from texts of similar length, so that
+        little of each is padding; ``progress`` shows a bar on stderr."""
         layers = [self.num_layers] if layers is None else list(layers)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         was_training = self.training
         self.eval()
         chunks = []
+        bar = _progress_bar(len(texts), "encode") if progress else None
         try:
             for start in range(0, len(texts), batch_size):
-                enc = self(texts[start:start + batch_size])
+                enc = self([texts[i] for i in order[start:start + batch_size]])
                 stacked = torch.stack([enc.hidden[l] for l in layers])
                 chunks.append(self.pool(stacked, enc.mask).float().cpu())
+                if bar is not None:
+                    bar.update(enc.mask.shape[0])
         finally:
             self.train(was_training)
-        return torch.cat(chunks, dim=1)
+            if bar is not None:
+                bar.close()
+        if not chunks:
+            return torch.empty(len(layers), 0, self.hidden_size)
+        sorted_embeddings = torch.cat(chunks, dim=1)
+        embeddings = torch.empty_like(sorted_embeddings)
+        embeddings[:, order] = sorted_embeddings
+        return embeddings
 
     def save(self, folder: str | Path, dims: Sequence[int]) -> None:
         """A folder that ``transformers.AutoModel`` and ``SentenceTransformer`` both load;
-        ``mipic.json`` and the sentence-transformers config record the Matryoshka widths."""
+        ``mipic.json`` and the sentence-transformers config record the Matryoshka widths.
+        The base model's pipeline (Normalize, inference length, prompts) is kept."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        meta = {"pooling": self.pooling, "matryoshka_dims": list(dims), "max_length": self.max_length}
+        meta = {"pooling": self.pooling, "matryoshka_dims": list(dims), "train_max_length": self.max_length}
         (folder / POOLING_FILE).write_text(json.dumps(meta, indent=2))
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         ]
-        (folder / "modules.json").write_text(json.dumps(modules, indent=2))
-        (folder / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": self.max_length, "do_lower_case": False}, indent=2))
+        for idx, module in enumerate(self.pipeline.modules, start=len(modules)):
+            modules.append({**module, "idx": idx, "name": str(idx)})
+            source = self.pipeline.module_folders.get(module.get("path", ""))
+            if source is not None and source.resolve() != (folder / module["path"]).resolve():
+                shutil.copytree(source, folder / module["path"], dirs_exist_ok=True)
+        (folder / _ST_MODULES).write_text(json.dumps(modules, indent=2))
+        (folder / _ST_TRANSFORMER_CONFIG).write_text(json.dumps(
+            {"max_seq_length": self.pipeline.max_seq_length, "do_lower_case": self.pipeline.do_lower_case},
+            indent=2))
         (folder / "1_Pooling").mkdir(exist_ok=True)
         pooling = {
             "word_embedding_dimension": self.hidden_size,
@@ -174,5 +293,19 @@ class Encoder(nn.Module):
             "pooling_mode_lasttoken": self.pooling == "last",
         }
         (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
-        st_config = {"similarity_fn_name": "cosine", "matryoshka_dims": list(dims)}
-        (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
+        st_config = {"similarity_fn_name": "cosine", **self.pipeline.config, "matryoshka_dims": list(dims)}
+        (folder / _ST_CONFIG).write_text(json.dumps(st_config, indent=2))
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=" texts", dynamic_ncols=True)
+
+
+def _backbone_limit(config, tokenizer) -> int:
+    """The longest input the tokenizer and the position embeddings both accept."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    # Tokenizers without a limit report a huge sentinel (int(1e30)).
+    usable = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(usable) if usable else _FALLBACK_LENGTH

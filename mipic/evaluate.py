@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data import DataError, Record, read_records
-from .encoder import POOLING_FILE, Encoder
+from .encoder import POOLING_FILE, Encoder, load_model_config
 
 TASKS = ("sts", "classification", "pair")
 Scores = dict[str, dict[str, float]]
@@ -119,61 +119,98 @@ def evaluate(
     *,
     test_data: Optional[str] = None,
     dims: Optional[Sequence[int]] = None,
-    layers: Optional[Sequence[int]] = None,
+    layers: Union[None, Sequence[int], Literal["all"]] = None,
     fmt: str = "auto",
     columns: Optional[Sequence[str]] = None,
     label_column: Optional[str] = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> Scores:
     """Scores ``{task: {width: score}}``; with ``layers`` also ``{task@layerN: {width: score}}``.
 
     ``data`` is the STS or pair file, or the classification training file (then
     ``test_data`` is required). ``columns``/``label_column`` name the columns of
     csv/tsv/jsonl files; the defaults are sentence1, sentence2 / score (sts),
-    text / label (classification) and sentence1, sentence2 / label (pair).
+    text / label (classification) and sentence1, sentence2 / label (pair). ``layers``
+    ``"all"`` scores every layer. Every input is checked before the model's weights
+    load; ``progress`` shows a bar while texts are encoded.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}; got {task!r}")
-    encoder = Encoder.from_pretrained(model) if isinstance(model, str) else model
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1; got {batch_size}")
+    texts, score = _task_inputs(task, data, test_data, fmt, columns, label_column)
+
+    if isinstance(model, str):
+        config = load_model_config(model)  # the config alone: no weights yet
+        hidden_size, num_layers = int(config.hidden_size), int(config.num_hidden_layers)
+    else:
+        hidden_size, num_layers = model.hidden_size, model.num_layers
     if dims is None:
-        dims = default_dims(model, encoder.hidden_size) if isinstance(model, str) else [encoder.hidden_size]
-    bad = [d for d in dims if not 1 <= d <= encoder.hidden_size]
+        dims = default_dims(model, hidden_size) if isinstance(model, str) else [hidden_size]
+    bad = [d for d in dims if not 1 <= d <= hidden_size]
     if bad:
-        raise ValueError(f"dims must be in [1, {encoder.hidden_size}]; got {bad}")
-    all_layers = [encoder.num_layers] + [l for l in (layers or []) if l != encoder.num_layers]
-    bad = [l for l in all_layers if not 0 <= l <= encoder.num_layers]
+        raise ValueError(f"dims must be in [1, {hidden_size}]; got {bad}")
+    extra = list(range(num_layers + 1)) if layers == "all" else list(layers or [])
+    all_layers = [num_layers] + [l for l in extra if l != num_layers]
+    bad = [l for l in all_layers if not 0 <= l <= num_layers]
     if bad:
-        raise ValueError(f"layers must be in [0, {encoder.num_layers}]; got {bad}")
+        raise ValueError(f"layers must be in [0, {num_layers}]; got {bad}")
 
-    def encode(texts: list[str]) -> torch.Tensor:
-        return encoder.encode(texts, batch_size=batch_size, layers=all_layers)
+    encoder = Encoder.from_pretrained(model) if isinstance(model, str) else model
+    # One pass over every text of the task (sorted by length inside encode).
+    embeddings = encoder.encode(texts, batch_size=batch_size, layers=all_layers, progress=progress)
+    results = [score(embeddings[i], dims) for i in range(len(all_layers))]
+    scores: Scores = {task: results[0]}
+    for layer, result in zip(all_layers[1:], results[1:]):
+        scores[f"{task}@layer{layer}"] = result
+    return scores
 
-    results: list[dict[str, float]]
+
+def _task_inputs(
+    task: str, data: str, test_data: Optional[str], fmt: str, columns: Optional[Sequence[str]],
+    label_column: Optional[str],
+):
+    """Every text the task encodes, and how to score their embeddings ``(N, D)`` at given
+    widths. Reads and checks the files (labels included) without touching the model."""
     if task == "classification":
         if test_data is None:
             raise ValueError("task 'classification' needs a test file (--test-data)")
         cols = columns or (("text",) if fmt not in ("sick", "snli", "stsb") else None)
         train = _read(data, fmt, cols, label_column or "label", 1)
         test = _read(test_data, fmt, cols, label_column or "label", 1)
-        train_x, test_x = encode([r.texts[0] for r in train]), encode([r.texts[0] for r in test])
-        results = [probe_scores(train_x[i], [r.label for r in train], test_x[i], [r.label for r in test], dims)
-                   for i in range(len(all_layers))]
+        classes = {r.label for r in train}
+        if len(classes) < 2:
+            raise DataError(
+                f"{data}: a classification probe needs at least 2 label classes in the training "
+                f"file; got only {sorted(map(str, classes))}"
+            )
+        n = len(train)
+
+        def probe(emb: torch.Tensor, dims: Sequence[int]) -> dict[str, float]:
+            return probe_scores(emb[:n], [r.label for r in train], emb[n:], [r.label for r in test], dims)
+
+        return [r.texts[0] for r in train + test], probe
+
+    default_label = "score" if task == "sts" else "label"
+    if _needs_columns(data, fmt):
+        records = _read(data, fmt, columns or ("sentence1", "sentence2"), label_column or default_label, 2)
     else:
-        default_label = "score" if task == "sts" else "label"
-        cols = columns or ("sentence1", "sentence2")
-        records = _read(data, fmt, cols, label_column or default_label, 2) if _needs_columns(data, fmt) else \
-            _read(data, fmt, None, label_column, 2)
-        a, b = encode([r.texts[0] for r in records]), encode([r.texts[1] for r in records])
-        if task == "sts":
-            gold = [_score(r) for r in records]
-            results = [sts_scores(a[i], b[i], gold, dims) for i in range(len(all_layers))]
-        else:
-            labels = [_binary(r.label, r.source) for r in records]
-            results = [pair_scores(a[i], b[i], labels, dims) for i in range(len(all_layers))]
-    scores: Scores = {task: results[0]}
-    for layer, result in zip(all_layers[1:], results[1:]):
-        scores[f"{task}@layer{layer}"] = result
-    return scores
+        records = _read(data, fmt, None, label_column, 2)
+    n = len(records)
+    if task == "sts":
+        gold = [_score(r) for r in records]
+
+        def sts(emb: torch.Tensor, dims: Sequence[int]) -> dict[str, float]:
+            return sts_scores(emb[:n], emb[n:], gold, dims)
+
+        return [r.texts[0] for r in records] + [r.texts[1] for r in records], sts
+    labels = [_binary(r.label, r.source) for r in records]
+
+    def pair(emb: torch.Tensor, dims: Sequence[int]) -> dict[str, float]:
+        return pair_scores(emb[:n], emb[n:], labels, dims)
+
+    return [r.texts[0] for r in records] + [r.texts[1] for r in records], pair
 
 
 def _needs_columns(path: str, fmt: str) -> bool:

@@ -23,6 +23,7 @@ def _minimal(**sections):
 def test_defaults_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: {path: a.txt}\nobjective: {alpha: 0.5, sia: {layers: [1, 3]}}\n")
+    (tmp_path / "a.txt").write_text("a sentence\n")
     cfg = load_config(path, ["train.lr=1e-4", "model.dims=[8, 16, 384]", "objective.mic.enabled=true",
                              "objective.pic.chain=[[8, 1], [16, 2]]"])
     assert isinstance(cfg, Config)
@@ -35,9 +36,47 @@ def test_defaults_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_load(path):
-    cfg = load_config(path)
+def test_shipped_configs_load(path, tmp_path):
+    data = tmp_path / "sentences.txt"  # the shipped data paths point at files a clone does not have
+    data.write_text("a sentence\n")
+    cfg = load_config(path, [f"data.path={data}"])
     assert cfg.model.dims[-1] >= cfg.model.dims[0]
+
+
+def test_relative_data_paths_are_found_next_to_the_config_then_in_the_working_directory(tmp_path, monkeypatch):
+    configs, work = tmp_path / "configs", tmp_path / "work"
+    for folder in (configs, work):
+        (folder / "data").mkdir(parents=True)
+    (configs / "c.yaml").write_text("data: {path: data/a.txt}\n")
+    (work / "data" / "a.txt").write_text("from the working directory\n")
+    monkeypatch.chdir(work)
+    assert load_config(configs / "c.yaml").data.path == str(work / "data" / "a.txt")
+    (configs / "data" / "a.txt").write_text("next to the config\n")
+    assert load_config(configs / "c.yaml").data.path == str(configs / "data" / "a.txt")
+    # A list is resolved entry by entry; an override follows the same rule.
+    cfg = load_config(configs / "c.yaml", ["data.path=[data/a.txt, ../work/data/a.txt]"])
+    assert cfg.data.path == [str(configs / "data" / "a.txt"), str(work / "data" / "a.txt")]
+    # Without a config file: the working directory only.
+    assert load_config(None, ["data.path=data/a.txt"]).data.path == str(work / "data" / "a.txt")
+
+
+def test_a_missing_data_file_names_every_absolute_path_tried(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "c.yaml").write_text("data: {path: ../data/missing.csv}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as err:
+        load_config("configs/c.yaml")
+    message = str(err.value)
+    assert message.startswith("data.path '../data/missing.csv' does not exist: looked for ")
+    assert str(tmp_path / "data" / "missing.csv") in message  # next to the config: configs/../data
+    assert str(tmp_path.parent / "data" / "missing.csv") in message  # the working directory's ../data
+
+
+def test_hub_dataset_names_and_absolute_paths_are_left_as_they_are(tmp_path):
+    assert load_config(None, ["data.path=org/sentences"]).data.path == "org/sentences"
+    assert load_config(None, ["data.path=org/x", "data.format=hf"]).data.path == "org/x"
+    absolute = tmp_path / "a.txt"  # need not exist yet: reading it reports a missing file
+    assert load_config(None, [f"data.path={absolute}"]).data.path == str(absolute)
 
 
 def test_shipped_configs_present():

@@ -1,4 +1,10 @@
-"""Named benchmark workloads: MIPIC's geometric term at the shapes of real backbones.
+"""What ``mipic-bench`` can run, importable without torch: modes, providers, dtypes and
+the named workload presets.
+
+The command line parses and answers ``--help`` from this module alone, so that help and
+argument errors come back before torch (seconds to import) is loaded. The
+implementations live in :mod:`benchmarks.providers`, :mod:`benchmarks.workload` and
+:mod:`benchmarks.measure`.
 
 A preset fixes everything but the batch size and sequence length, which it sweeps.
 Token states are ``x (L, B, T, D)`` (layers x batch x tokens x width) with a padding
@@ -9,15 +15,37 @@ mask of varying sequence lengths, ranked by the ``"cls"`` teacher score; the los
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
-import torch
+MODES = ("forward", "backward", "full", "no-grad")
 
-# MIPIC's token fractions for its six truncated widths, ascending (METHOD.md section 2).
+# Name -> what it is; the order is the order of the table and of the figures.
+PROVIDERS: dict[str, str] = {
+    "naive": "Python loops, float64 feature-space CKA, topk per width",
+    "torch": "vectorised eager reference (backend='torch')",
+    "torch.compile": "torch.compile(reference, dynamic=False), compile time excluded",
+    "triton": "fused Triton kernels (backend='triton')",
+}
+# Not a loss: a plain copy of x, the memory-bandwidth yardstick of bandwidth-bound presets.
+COPY = "copy"
+
+# Short dtype names and the torch dtype each stands for.
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+_DTYPE_ALIASES = {"half": "fp16", "float": "fp32", "double": "fp64", **{v: k for k, v in DTYPES.items()}}
+
+# MIPIC's token fractions for its six truncated widths, ascending (docs/method.md section 2).
 MIPIC_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 MIPIC_WIDTHS = (16, 32, 64, 128, 256, 512)
+
+
+def dtype_name(text: str) -> str:
+    """The short name (``bf16``, ``fp16``, ``fp32``, ``fp64``) of ``text``, which may also be
+    a torch name (``bfloat16``) or ``half``/``float``/``double``."""
+    name = _DTYPE_ALIASES.get(text, text)
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {text!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -100,53 +128,22 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def default_presets(device: torch.device) -> list[str]:
+def default_presets(on_gpu: bool) -> list[str]:
     """The presets ``mipic-bench`` runs when none is named."""
-    on_gpu = device.type == "cuda"
     return [p.name for p in PRESETS.values() if (p.gpu if on_gpu else p.cpu)]
 
 
-@dataclass
-class Workload:
-    """Inputs of one benchmark case: ``x`` requires grad, ``mask`` marks real tokens."""
+def listing() -> str:
+    """Providers and presets, as ``mipic-bench --help`` lists them."""
+    def joined(values: tuple) -> str:
+        return "/".join(str(v) for v in values)
 
-    preset: Preset
-    shape: Shape
-    x: torch.Tensor
-    mask: torch.Tensor
-
-
-def make_workload(
-    preset: Preset, shape: Shape, *, dtype: torch.dtype, device: torch.device,
-    seed: int = 0,
-) -> Workload:
-    """Random token states with a shared offset and sequence lengths that vary.
-
-    Lengths are drawn uniformly from ``[max(k_min, T/4), T]`` with one sequence at
-    full length (a padded batch always has one), the same for every layer.
-    Hidden states carry a common offset per feature, as real ones do; it stresses the
-    centring without changing CKA.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    L, B, T, D = shape.layers, shape.batch, shape.tokens, shape.depth
-    shortest = min(T, max(preset.k_min, math.ceil(T / 4)))
-    lengths = torch.randint(shortest, T + 1, (B,), generator=gen)
-    lengths[0] = T
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).expand(L, B, T).contiguous()
-    offset = 2.0 * torch.randn(L, 1, 1, D, generator=gen)
-    x = torch.randn(L, B, T, D, generator=gen) + offset
-    x = x.to(device=device, dtype=dtype).requires_grad_(True)
-    return Workload(preset, shape, x, mask.to(device))
-
-
-def parse_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    """``bf16``/``fp16``/``fp32``/``fp64`` (torch names work too); None picks bf16 on
-    CUDA and fp32 elsewhere."""
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
-               "fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64"}
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"--dtype must be one of bf16, fp16, fp32, fp64; got {name!r}")
-    return dtype
+    lines = ["providers:"]
+    lines += [f"  {name:<15} {description}" for name, description in PROVIDERS.items()]
+    lines.append("presets:")
+    for p in PRESETS.values():
+        shape = f"L{p.layers} B{joined(p.batches)} T{joined(p.tokens)} D{p.depth}"
+        k = p.k if isinstance(p.k, int) else joined(p.k)
+        lines.append(f"  {p.name:<15} {p.description}\n  {'':<15} {shape}, widths {joined(p.dims)}, "
+                     f"k {k}, k_min {p.k_min}")
+    return "\n".join(lines)
