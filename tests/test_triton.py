@@ -26,6 +26,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -43,7 +44,7 @@ import triton.language as tl  # noqa: E402
 
 import mipic_kernels as mk  # noqa: E402
 from mipic_kernels import fused, selection  # noqa: E402
-from mipic_kernels.fused import backward, gram, nested_cka_op  # noqa: E402
+from mipic_kernels.fused import backward, cka_op, gram, nested_cka_op  # noqa: E402
 from mipic_kernels.fused.tl_utils import triangle_tile  # noqa: E402
 from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
 from tests.host_sync import HostSyncRecorder  # noqa: E402
@@ -195,6 +196,48 @@ def test_no_gradient_work_without_grad(monkeypatch):
     assert not out.requires_grad
     with pytest.raises(AssertionError, match="backward kernels ran"):
         mk.nested_cka(x, (4, 12), backend="triton").sum().backward()
+
+
+class _ConstantFills(TorchDispatchMode):
+    """The shapes of the tensors filled with a constant while active."""
+
+    FILLS = {"zeros", "zeros_like", "new_zeros", "full", "full_like", "new_full", "fill_", "zero_"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.FILLS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("op", ["nested_cka", "cka"])
+def test_saved_buffers_get_no_zero_gradients(op):
+    # The ops return their saved buffers (Grams, shift, statistics) as outputs so that
+    # the backward receives them; autograd must not zero-fill a gradient for each, and
+    # the backward must accept None for every output, the value's included.
+    x, order, _ = _ranked_inputs(2, 9, 12, seed=63, real=[9, 6])
+    x, order = x.to(DEVICE).requires_grad_(), order.to(DEVICE)
+    if op == "nested_cka":
+        k = torch.tensor([[4, 7], [3, 5]], device=DEVICE)
+        out = nested_cka_op._nested_cka(x, order, k, [4, 12], 7, "rbf", False, None, 1.0, True, "fast")
+    else:
+        y = _states(2, 9, 5, seed=64).to(DEVICE)
+        n = torch.tensor([7, 5], device=DEVICE)
+        out = cka_op._cka(x, y, order, n, "rbf", True, None, 1.0, "fast")
+    upstream = torch.rand(out[0].shape, generator=generator(65)).to(out[0])
+    with _ConstantFills() as fills:
+        (dx,) = torch.autograd.grad(out[0], x, upstream, retain_graph=True)
+    saved = {tuple(t.shape) for t in out[1:]}
+    assert not saved & set(fills.shapes), f"zero gradients filled for saved buffers: {fills.shapes}"
+    assert torch.isfinite(dx).all() and dx.abs().amax() > 0
+    # Through a saved buffer only: the backward gets None for the value and gives no gradient.
+    assert torch.autograd.grad(out[-1].sum(), x, allow_unused=True, retain_graph=True) == (None,)
+    (both,) = torch.autograd.grad(out[0].mul(upstream).sum() + out[2].sum(), x)
+    torch.testing.assert_close(both, dx, rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -110,11 +110,15 @@ def _setup_context(ctx, inputs, output):
     x, y, order, n, kernel, unbiased, _, _, precision = inputs
     ctx.save_for_backward(x, y, order, n, *output)
     ctx.options = (kernel, unbiased, precision)
+    # No zero gradients for the saved buffers, which are outputs only to reach the backward.
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(ctx, grad, *_unused):
     kernel, unbiased, precision = ctx.options
     need_x, need_y = ctx.needs_input_grad[:2]
+    if grad is None:  # reached only through the saved buffers, which carry no gradient
+        return (None,) * 9
     dx, dy = _cka_backward(grad, *ctx.saved_tensors, kernel, unbiased, need_x, need_y, precision)
     return (dx if need_x else None), (dy if need_y else None), None, None, None, None, None, None, None
 
