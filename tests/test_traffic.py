@@ -1,30 +1,18 @@
 """The byte and FLOP model of the fused passes (mipic_kernels/fused/traffic.py): hand
-counts on small cases, its relation to the physical minimum, and its checks."""
+counts on small cases, its relation to the benchmark's lower bound, the totals the
+roofline reads, and its checks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from benchmarks import roofline
+from benchmarks.roofline import Problem
 from mipic_kernels.fused import traffic
 
 DIMS = (16, 32, 64, 128, 256, 512)
 FRACTIONS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
-
-
-def test_minimum_by_hand():
-    # One example of 10 real tokens out of 12, every token selected (k=None): the
-    # score reads all of x (2 bytes each), the forward FLOPs are one symmetric Gram
-    # (k (k + 1) D), the backward reads the 10 rows and writes all of dx.
-    full = traffic.minimal_traffic([10], 12, 64, (32, 64), None, 1, torch.bfloat16, mode="full")
-    forward, backward = full.passes
-    assert (forward.read, forward.written, forward.flops) == (12 * 64 * 2, 0.0, {"bf16": 10 * 11 * 64})
-    assert (backward.read, backward.written) == (10 * 64 * 2, 12 * 64 * 2)
-    assert backward.flops == {"bf16": 2 * 10 * 10 * 64}
-    assert full.bytes == 12 * 64 * 2 + 10 * 64 * 2 + 12 * 64 * 2
-    assert full.seconds() == pytest.approx(sum(p.seconds() for p in full.passes))
-    no_grad = traffic.minimal_traffic([10], 12, 64, (32, 64), None, 1, torch.bfloat16, mode="no-grad")
-    assert no_grad.passes == (forward,)
 
 
 def test_gram_pass_by_hand():
@@ -50,9 +38,9 @@ def test_fused_design_moves_at_least_the_minimum(mode, dtype):
     lengths = torch.randint(32, 129, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     args = (lengths, 128, 768, DIMS, FRACTIONS, 8, dtype)
     fused = traffic.fused_traffic(*args, mode=mode)
-    minimum = traffic.minimal_traffic(*args, mode=mode)
+    problem = Problem(128, 768, tuple(lengths), DIMS, tuple(FRACTIONS), 8, dtype)
+    minimum = roofline.lower_bound(problem, mode)
     assert fused.bytes > minimum.bytes > 0
-    assert fused.seconds() > minimum.seconds() > 0
     names = [p.name for p in fused.passes]
     assert ("dx" in names) == (mode in ("backward", "full"))
     assert ("gram" in names) == (mode != "backward")
@@ -65,10 +53,32 @@ def test_fused_design_moves_at_least_the_minimum(mode, dtype):
     assert ieee.seconds() >= fused.seconds()  # fp32 FMA is never faster than split tensor-core dots
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_totals_count_tensor_core_work_at_the_rate_the_roofline_uses(dtype):
+    # The roofline runs float32 matrix FLOPs at a third of the tf32 rate (three tf32
+    # products per product), so the totals give a third of the tf32 products; bf16
+    # products count as they are. Every pass is a launch, plus the torch operations.
+    args = dict(tokens=64, depth=96, lengths=[64, 40, 17], dims=(8, 32, 96), k=(0.25, 0.5, 1.0), k_min=4,
+                dtype=dtype, kernel="linear")
+    for mode in traffic.MODES:
+        passes = traffic.fused_traffic(args["lengths"], 64, 96, args["dims"], args["k"], 4, dtype, mode=mode)
+        totals = traffic.design_traffic(mode=mode, **args)
+        tc = sum(p.flops.get("bf16", 0.0) + p.flops.get("tf32", 0.0) / 3 for p in passes.passes)
+        assert totals.flops_tc == pytest.approx(tc) and totals.flops_tc > 0
+        assert totals.flops_fma == pytest.approx(sum(p.flops.get("fp32", 0.0) for p in passes.passes))
+        assert totals.bytes == passes.bytes
+        assert totals.launches > len(passes.passes)
+    unit = "bf16" if dtype == torch.bfloat16 else "tf32"
+    assert all(unit in p.flops for p in passes.passes if p.name in ("gram", "dx"))
+
+
 def test_model_rejects_what_it_cannot_model():
     with pytest.raises(ValueError, match="mode must be one of"):
         traffic.fused_traffic([4], 8, 16, (8, 16), None, 1, torch.bfloat16, mode="train")
     with pytest.raises(TypeError, match="dtype must be float16, bfloat16 or float32"):
-        traffic.minimal_traffic([4], 8, 16, (8, 16), None, 1, torch.float64, mode="full")
+        traffic.fused_traffic([4], 8, 16, (8, 16), None, 1, torch.float64, mode="full")
+    with pytest.raises(ValueError, match="kernel must be 'linear' or 'rbf'"):
+        traffic.design_traffic(tokens=8, depth=16, lengths=[4], dims=(8, 16), k=None, k_min=1,
+                               dtype=torch.bfloat16, mode="full", kernel="cosine")
     with pytest.raises(ValueError, match=r"lengths must be real-token counts in \[0, 8\]"):
         traffic.fused_traffic([9], 8, 16, (8, 16), None, 1, torch.bfloat16, mode="full")

@@ -1,10 +1,12 @@
-"""Bytes and FLOPs of the fused passes, and the physical minimum they are measured against.
+"""Bytes, FLOPs and launches of the fused passes.
 
 A plain model of what each kernel of the fused backend reads from and writes to device
 memory (HBM) and how many multiply-adds it issues, for a given workload; no GPU and no
-data are needed, only the real-token count of each example. The benchmark's
-``% of roofline`` column divides the minimum (:func:`minimal_traffic`) by a measured
-time; docs/kernels.md tabulates both for the benchmark presets.
+data are needed, only the real-token count of each example. :func:`fused_traffic` gives
+every pass; :func:`design_traffic` the totals of one call of the benchmarked loss, with
+its launches, which is what ``benchmarks/roofline.py`` predicts each benchmark row from
+(the physical minimum lives there too, as ``lower_bound``). docs/kernels.md tabulates
+both for the benchmark presets.
 
 Conventions:
 
@@ -105,50 +107,23 @@ def _check(dtype: torch.dtype, mode: str) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def minimal_traffic(
-    lengths: Sequence[int], tokens: int, depth: int, dims: Sequence[int], k: KSpec, k_min: int,
-    dtype: torch.dtype, *, mode: str, scores: Optional[str] = "cls", detach_full: bool = True,
-) -> Traffic:
-    """The physical minimum of one call: the selected tokens read once, the ``"cls"``
-    score's read of every token (its query row included), the gradient written once
-    (all of ``dx``: autograd hands back a dense tensor); the FLOPs of one Gram (its
-    symmetric half) and of the gradient product ``C Z`` at the bf16 tensor-core rate.
-
-    ``lengths``: real tokens of each example (leading dims flattened); ``tokens``,
-    ``depth``: ``T`` and ``D``; ``dims``, ``k``, ``k_min`` as in
-    :func:`mipic_kernels.nested_cka`; ``mode`` one of :data:`MODES`.
-    """
-    size = _check(dtype, mode)
-    n = _counts(lengths, tokens, len(dims), k, k_min)
-    kmax = n.amax(-1).double() if n.numel() else torch.zeros(0, dtype=torch.float64)
-    batch = len(lengths)
-    grad_cols = dims[-1] if detach_full else depth
-    passes = []
-    if mode != "backward":
-        read = batch * tokens * depth * size if scores == "cls" else float(kmax.sum()) * depth * size
-        passes.append(Pass("forward", read, 0.0, {"bf16": float((kmax * (kmax + 1)).sum()) * depth}))
-    if mode in ("backward", "full"):
-        passes.append(Pass(
-            "backward", float(kmax.sum()) * depth * size, batch * tokens * depth * size,
-            {"bf16": 2.0 * float((kmax**2).sum()) * grad_cols},
-        ))
-    return Traffic(tuple(passes))
-
-
 def fused_traffic(
     lengths: Sequence[int], tokens: int, depth: int, dims: Sequence[int], k: KSpec, k_min: int,
     dtype: torch.dtype, *, mode: str, kernel: str = "linear", sigma: Optional[float] = None,
     scores: Optional[str] = "cls", detach_full: bool = True, precision: str = "fast",
 ) -> Traffic:
     """Bytes and FLOPs of each pass of the fused backend for one ``nested_cka`` call (or
-    one ``NestedCKALoss`` call) on examples with ``lengths`` real tokens; arguments as
-    in :func:`minimal_traffic`, plus the CKA options of :func:`mipic_kernels.nested_cka`.
+    one ``NestedCKALoss`` call) on examples with ``lengths`` real tokens (leading dims
+    flattened); ``tokens``, ``depth``: ``T`` and ``D``; ``mode`` one of :data:`MODES`;
+    the other arguments as in :func:`mipic_kernels.nested_cka`.
 
     ``held`` is what the forward pass keeps for the backward pass (the Gram stack, row
     sums, shift, statistics); ``peak_extra`` what the backward pass allocates on top of
     it (coefficients, row sums of ``dK``, ``dx``), 0 without a backward pass.
     """
     size = _check(dtype, mode)
+    if kernel not in ("linear", "rbf"):
+        raise ValueError(f"kernel must be 'linear' or 'rbf'; got {kernel!r}")
     widths = len(dims)
     n = _counts(lengths, tokens, widths, k, k_min).double()
     batch = len(lengths)
@@ -211,3 +186,42 @@ def fused_traffic(
         peak_extra = batch * ((widths + (0 if detach_full else 1)) * k_top**2 + 2 * widths * k_top) * f32
         peak_extra += batch * tokens * depth * size
     return Traffic(tuple(passes), held=held if mode != "no-grad" else 0.0, peak_extra=peak_extra)
+
+
+# Torch operations per call of NestedCKALoss(..., backend="triton")(x, scores="cls",
+# mask=mask) besides the Triton launches, counted by running the loss under the
+# interpreter (tests/test_roofline.py checks them): ranking, per-width counts, the
+# epilogue and the reduction; the same for a count or fractions as k.
+_TORCH_FORWARD = {"linear": 54, "rbf": 53}
+_TORCH_BACKWARD = 7
+
+
+@dataclass(frozen=True)
+class Totals:
+    """One call's work as ``benchmarks.roofline`` reads it: HBM bytes, tensor-core FLOPs
+    in units of the input dtype's matrix rate there (for float32, where three tf32
+    products keep fp32 accuracy, one third of the tf32 products), FMA-unit FLOPs, and
+    kernel launches (Triton and torch)."""
+
+    bytes: float
+    flops_tc: float
+    flops_fma: float
+    launches: int
+
+
+def design_traffic(
+    *, tokens: int, depth: int, lengths: Sequence[int], dims: Sequence[int], k: KSpec, k_min: int,
+    dtype: torch.dtype, mode: str, kernel: str,
+) -> Totals:
+    """Totals of one call of the benchmarked loss, ``NestedCKALoss(dims, k=k, k_min=k_min,
+    kernel=kernel, detach_full=True, backend="triton")(x, scores="cls", mask=mask)`` with
+    the default precision and median bandwidth, in ``mode`` (:data:`MODES`); arguments as
+    in :func:`fused_traffic`."""
+    work = fused_traffic(lengths, tokens, depth, dims, k, k_min, dtype, mode=mode, kernel=kernel)
+    flops = {unit: sum(p.flops.get(unit, 0.0) for p in work.passes) for unit in ("bf16", "tf32", "fp32")}
+    launches = len(work.passes)  # every pass is one Triton launch
+    if mode != "backward":
+        launches += _TORCH_FORWARD[kernel] + len(dims)
+    if mode in ("backward", "full"):
+        launches += _TORCH_BACKWARD
+    return Totals(work.bytes, flops["bf16"] + flops["tf32"] / 3, flops["fp32"], launches)
