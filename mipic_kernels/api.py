@@ -31,6 +31,7 @@ from .selection import KSpec, ScoresSpec
 
 KERNELS = ("linear", "rbf")
 BACKENDS = ("auto", "torch", "triton")
+PRECISIONS = ("fast", "ieee")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -44,6 +45,7 @@ def cka(
     sigma: Optional[float] = None,
     rbf_threshold: float = 1.0,
     backend: str = "auto",
+    precision: str = "fast",
 ) -> torch.Tensor:
     """Centred kernel alignment between the rows of ``x`` and ``y``, batched.
 
@@ -65,6 +67,9 @@ def cka(
         rbf_threshold: scales the median bandwidth.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (triton for CUDA tensors
             when it is installed, else torch).
+        precision: how the triton backend multiplies: ``"fast"`` on tensor cores with
+            each operand split into two halves (as accurate as fp32 arithmetic, see
+            docs/kernels.md) or ``"ieee"`` in fp32 FMA. The torch backend ignores it.
 
     Returns:
         ``(*)`` tensor (the broadcast leading dims), float64 for float64 ``x`` and
@@ -91,13 +96,14 @@ def cka(
     _check_same_device("y", y, x)
     mask = _check_mask(mask, x)
     kernel, sigma = _check_kernel(kernel, sigma, rbf_threshold)
+    precision = _check_precision(precision)
     impl = _backend(backend, x)
     if _checks_values(impl):
         _check_finite("x", x)
         _check_finite("y", y)
     return impl.cka(
         x, y, mask, kernel=kernel, unbiased=bool(unbiased), sigma=sigma,
-        rbf_threshold=float(rbf_threshold),
+        rbf_threshold=float(rbf_threshold), precision=precision,
     )
 
 
@@ -115,6 +121,7 @@ def nested_cka(
     rbf_threshold: float = 1.0,
     detach_full: bool = True,
     backend: str = "auto",
+    precision: str = "fast",
 ) -> torch.Tensor:
     """CKA between each width prefix and the full width over nested top-k tokens.
 
@@ -137,6 +144,7 @@ def nested_cka(
             own median bandwidth, held constant in the backward pass.
         detach_full: the full width is a detached teacher (no gradient reaches it).
         backend: ``"torch"``, ``"triton"`` or ``"auto"``.
+        precision: ``"fast"`` or ``"ieee"``, as in :func:`cka`.
 
     Returns:
         ``(*, len(dims))``, float64 for float64 input and float32 otherwise; NaN
@@ -158,6 +166,7 @@ def nested_cka(
     k_min = _check_positive_int("k_min", k_min)
     mask = _check_mask(mask, x)
     kernel, sigma = _check_kernel(kernel, sigma, rbf_threshold)
+    precision = _check_precision(precision)
     impl = _backend(backend, x)
     check_values = _checks_values(impl)
     if check_values:
@@ -172,7 +181,7 @@ def nested_cka(
     k_top = selection.gram_edge(k, k_min, x.shape[-2])
     return impl.nested_cka_ranked(
         x, dims, order, counts, k_top, kernel=kernel, unbiased=bool(unbiased), sigma=sigma,
-        rbf_threshold=float(rbf_threshold), detach_full=bool(detach_full),
+        rbf_threshold=float(rbf_threshold), detach_full=bool(detach_full), precision=precision,
     )
 
 
@@ -180,6 +189,12 @@ def _check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     return str(backend)
+
+
+def _check_precision(precision: object) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    return str(precision)
 
 
 def _backend(backend: str, x: torch.Tensor) -> ModuleType:

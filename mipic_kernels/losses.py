@@ -9,7 +9,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .api import _check_backend, _check_dims, _check_k, _check_kernel, _check_positive_int, nested_cka
+from .api import (
+    _check_backend, _check_dims, _check_k, _check_kernel, _check_positive_int, _check_precision, nested_cka,
+)
 from .selection import KSpec, ScoresSpec
 
 REDUCTIONS = ("mean", "sum")
@@ -31,9 +33,10 @@ class NestedCKALoss(nn.Module):
         dims: strictly increasing widths.
         weights: one non-negative weight per width (default 1 each).
         reduction: ``"mean"`` or ``"sum"`` over the defined entries of each width.
-        k, k_min, kernel, unbiased, sigma, rbf_threshold, detach_full, backend: as in
-            :func:`mipic_kernels.nested_cka` (token counts, RBF options, a detached
-            full-width teacher by default, ``"auto"`` | ``"torch"`` | ``"triton"``).
+        k, k_min, kernel, unbiased, sigma, rbf_threshold, detach_full, backend, precision:
+            as in :func:`mipic_kernels.nested_cka` (token counts, RBF options, a detached
+            full-width teacher by default, ``"auto"`` | ``"torch"`` | ``"triton"``, the
+            triton backend's ``"fast"`` | ``"ieee"`` dots).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class NestedCKALoss(nn.Module):
         rbf_threshold: float = 1.0,
         detach_full: bool = True,
         backend: str = "auto",
+        precision: str = "fast",
     ) -> None:
         super().__init__()
         self.dims = _check_dims(dims, depth=None)
@@ -67,6 +71,7 @@ class NestedCKALoss(nn.Module):
             rbf_threshold=float(rbf_threshold),
             detach_full=bool(detach_full),
             backend=_check_backend(backend),
+            precision=_check_precision(precision),
         )
         self.register_buffer(
             "weights", torch.tensor(self.width_weights, dtype=torch.float64), persistent=False

@@ -46,8 +46,11 @@ def cka(
     unbiased: bool,
     sigma: Optional[float],
     rbf_threshold: float,
+    precision: str = "ieee",
 ) -> torch.Tensor:
-    """CKA of the masked rows of ``x (*, n, p)`` and ``y (*, n, q)``; returns ``(*)``."""
+    """CKA of the masked rows of ``x (*, n, p)`` and ``y (*, n, q)``; returns ``(*)``.
+    ``precision`` is the fused backend's switch; the reference always computes in its
+    accumulation dtype."""
     dtype = accumulation_dtype(x.dtype)
     rows = mask.to(dtype)
     gx, size_x = _centred_gram(x.to(dtype), rows)
@@ -70,11 +73,13 @@ def nested_cka_ranked(
     sigma: Optional[float],
     rbf_threshold: float,
     detach_full: bool,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """CKA of each width prefix against the full width over its top-``k`` tokens.
 
     ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts,
-    each at most ``k_top``, the edge of the Grams. Returns ``(*, W)``.
+    each at most ``k_top``, the edge of the Grams. Returns ``(*, W)``. ``precision`` as
+    in :func:`cka` (unused here).
     """
     dtype = accumulation_dtype(x.dtype)
     depth = x.shape[-1]

@@ -78,17 +78,14 @@ def resolve_k(k: KSpec, k_min: int, counts: torch.Tensor, n_widths: int) -> torc
     """
     c = counts.to(torch.int64)
     if k is None:
-        per_width = [c] * n_widths
-    else:
-        specs = [k] * n_widths if isinstance(k, int) else list(k)
-        per_width = []
-        for spec in specs:
-            if isinstance(spec, float):
-                want = torch.ceil(c.to(torch.float64) * spec - _CEIL_SLACK).to(torch.int64)
-            else:
-                want = torch.full_like(c, spec)
-            per_width.append(torch.minimum(want.clamp(min=k_min), c))
-    return torch.stack(per_width, dim=-1)
+        return torch.stack([c] * n_widths, dim=-1)
+    specs = [k] * n_widths if isinstance(k, int) else list(k)
+    # All widths at once (a handful of kernels, not a handful per width): an int spec
+    # is its own ceiling, slack or not.
+    c64 = c.to(torch.float64)
+    wanted = torch.stack([c64 * s if isinstance(s, float) else torch.full_like(c64, s) for s in specs], dim=-1)
+    want = torch.ceil(wanted - _CEIL_SLACK).to(torch.int64)
+    return torch.minimum(want.clamp(min=k_min), c[..., None])
 
 
 def gram_edge(k: KSpec, k_min: int, tokens: int) -> int:

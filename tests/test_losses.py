@@ -95,6 +95,7 @@ def test_per_width_and_float32():
         (dict(dims=[2, 4], kernel="rbf", sigma="1"), TypeError, "sigma must be a positive finite float"),
         (dict(dims=[2, 4], rbf_threshold=math.inf), ValueError, "rbf_threshold must be a positive finite"),
         (dict(dims=[2, 4], backend="cuda"), ValueError, "backend must be one of"),
+        (dict(dims=[2, 4], precision="tf32"), ValueError, "precision must be one of"),
         (dict(dims=[2, 4], mask=None), TypeError, "unexpected keyword argument 'mask'"),
         (dict(dims=[2, 4], scores="cls"), TypeError, "unexpected keyword argument 'scores'"),
     ],
@@ -126,12 +127,12 @@ def test_loss_checks_widths_against_the_input_at_call_time():
 def test_loss_config_rebuilds_the_loss():
     loss = mk.NestedCKALoss(
         (3, 6), weights=(0.5, 2), reduction="sum", k=[0.5, 4], k_min=2, kernel="rbf",
-        unbiased=True, sigma=2, rbf_threshold=0.5, detach_full=False, backend="torch",
+        unbiased=True, sigma=2, rbf_threshold=0.5, detach_full=False, backend="torch", precision="ieee",
     )
     config = loss.get_config_dict()
     assert config == dict(
         dims=[3, 6], weights=[0.5, 2.0], reduction="sum", k=[0.5, 4], k_min=2, kernel="rbf",
-        unbiased=True, sigma=2.0, rbf_threshold=0.5, detach_full=False, backend="torch",
+        unbiased=True, sigma=2.0, rbf_threshold=0.5, detach_full=False, backend="torch", precision="ieee",
     )
     assert json.loads(json.dumps(config)) == config
     config["k"].append(1)  # a copy
@@ -141,7 +142,8 @@ def test_loss_config_rebuilds_the_loss():
     torch.testing.assert_close(rebuilt(x), loss(x))
     assert repr(loss) == (
         "NestedCKALoss(dims=[3, 6], weights=[0.5, 2.0], reduction='sum', k=[0.5, 4], k_min=2, "
-        "kernel='rbf', unbiased=True, sigma=2.0, rbf_threshold=0.5, detach_full=False, backend='torch')"
+        "kernel='rbf', unbiased=True, sigma=2.0, rbf_threshold=0.5, detach_full=False, backend='torch', "
+        "precision='ieee')"
     )
 
 

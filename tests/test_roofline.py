@@ -1,6 +1,6 @@
-"""The roofline of the benchmark rows: the lower bound by hand, the device table, the
-first design's model against the bound and against the launches the loss really makes,
-the hook for the kernels' own model, and the roofline columns of mipic-bench."""
+"""The roofline of the benchmark rows: the lower bound by hand, the device table, both
+designs' models against the bound, the kernels' own model against the launches the loss
+really makes, the hook for that model, and the roofline columns of mipic-bench."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from benchmarks.measure import Budget
 from benchmarks.roofline import Problem, Traffic
 from benchmarks.run import run_workload
 from benchmarks.workload import make_workload, sequence_lengths
+from mipic_kernels.fused import traffic
 from tests.host_sync import _origin
 
 H100 = roofline.device_spec("NVIDIA H100 80GB HBM3")
@@ -126,17 +127,21 @@ class _Launches(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.skipif(roofline.current_design_model() is not None,
-                    reason="the kernels provide their own model: design_v1 describes the first kernels")
-@pytest.mark.parametrize("k, kernel", [((0.2, 0.5, 0.9), "linear"), (6, "rbf")], ids=["fractions", "count-rbf"])
-def test_first_design_launches_are_what_the_loss_launches(gen, monkeypatch, k, kernel: str) -> None:
+@pytest.mark.parametrize("k, kernel, dtype", [
+    ((0.2, 0.5, 0.9), "linear", torch.bfloat16), (6, "rbf", torch.bfloat16), ((0.3, 0.6), "rbf", torch.float32),
+    (6, "linear", torch.float16),
+], ids=["fractions", "count-rbf", "fractions-rbf-fp32", "count-fp16"])
+def test_kernels_model_launches_are_what_the_loss_launches(gen, monkeypatch, k, kernel: str, dtype) -> None:
+    # benchmarks/design_v1.py describes kernels that no longer exist: only the current
+    # model can be held against the launches of the loss.
     if not mk.fused.can_run(torch.empty(1)):
         pytest.skip("needs Triton's interpreter")
     from triton.runtime import interpreter
 
-    preset = Preset("p", "test", layers=2, batches=(3,), tokens=(21,), depth=24, dims=(5, 11, 17), k=k, k_min=3)
+    dims = (5, 11, 17)[-(len(k) if isinstance(k, tuple) else 3):]
+    preset = Preset("p", "test", layers=2, batches=(3,), tokens=(21,), depth=24, dims=dims, k=k, k_min=3)
     shape = preset.shapes()[0]
-    w = make_workload(preset, shape, dtype=torch.bfloat16, device=torch.device("cpu"),
+    w = make_workload(preset, shape, dtype=dtype, device=torch.device("cpu"),
                       seed=int(torch.randint(2**31, (1,), generator=gen)))
     loss = mk.NestedCKALoss(preset.dims, kernel=kernel, backend="triton", **preset.loss_options())
     loss(w.x, scores="cls", mask=w.mask).backward()  # first call: uploads the column bounds
@@ -154,9 +159,28 @@ def test_first_design_launches_are_what_the_loss_launches(gen, monkeypatch, k, k
     forward, counter.count = counter.count, 0
     with counter:
         value.backward()
+    model = roofline.current_design_model()
+    assert model is traffic.design_traffic
     problem = roofline.workload_problem(w, kernel)
-    assert forward == roofline.design_traffic(design_v1.design_traffic, problem, "forward").launches
-    assert counter.count == roofline.design_traffic(design_v1.design_traffic, problem, "backward").launches
+    assert forward == roofline.design_traffic(model, problem, "forward").launches
+    assert counter.count == roofline.design_traffic(model, problem, "backward").launches
+    assert roofline.design_traffic(model, problem, "full").launches == forward + counter.count
+
+
+@pytest.mark.parametrize("preset_name", catalog.default_presets(on_gpu=True))
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_kernels_model_moves_at_least_the_lower_bound_and_less_than_the_first(preset_name: str, kernel: str) -> None:
+    preset = catalog.PRESETS[preset_name]
+    for shape in preset.shapes():
+        for dtype in (torch.bfloat16, torch.float32):
+            problem = roofline.preset_problem(preset, shape, dtype=dtype, kernel=kernel)
+            for mode in catalog.MODES:
+                bound = roofline.lower_bound(problem, mode)
+                work = roofline.design_traffic(traffic.design_traffic, problem, mode)
+                assert work.bytes > bound.bytes
+                assert work.flops_tc >= bound.flops_tc
+                first = roofline.design_traffic(design_v1.design_traffic, problem, mode)
+                assert work.bytes < first.bytes and work.launches < first.launches
 
 
 def test_the_kernels_model_is_used_and_checked_when_present(monkeypatch) -> None:

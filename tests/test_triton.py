@@ -23,8 +23,10 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -37,9 +39,13 @@ if DEVICE == "cpu":
         )
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import mipic_kernels as mk  # noqa: E402
 from mipic_kernels import fused, selection  # noqa: E402
-from mipic_kernels.fused import nested_cka_op  # noqa: E402
+from mipic_kernels.fused import backward, cka_op, gram, nested_cka_op  # noqa: E402
+from mipic_kernels.fused.tl_utils import triangle_tile  # noqa: E402
 from tests.accuracy import assert_within_float32_error, float32_runs, value_and_grads  # noqa: E402
 from tests.host_sync import HostSyncRecorder  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
@@ -183,6 +189,48 @@ def test_no_gradient_work_without_grad(monkeypatch):
         mk.nested_cka(x, (4, 12), backend="triton").sum().backward()
 
 
+class _ConstantFills(TorchDispatchMode):
+    """The shapes of the tensors filled with a constant while active."""
+
+    FILLS = {"zeros", "zeros_like", "new_zeros", "full", "full_like", "new_full", "fill_", "zero_"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.FILLS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("op", ["nested_cka", "cka"])
+def test_saved_buffers_get_no_zero_gradients(op):
+    # The ops return their saved buffers (Grams, shift, statistics) as outputs so that
+    # the backward receives them; autograd must not zero-fill a gradient for each, and
+    # the backward must accept None for every output, the value's included.
+    x, order, _ = _ranked_inputs(2, 9, 12, seed=63, real=[9, 6])
+    x, order = x.to(DEVICE).requires_grad_(), order.to(DEVICE)
+    if op == "nested_cka":
+        k = torch.tensor([[4, 7], [3, 5]], device=DEVICE)
+        out = nested_cka_op._nested_cka(x, order, k, [4, 12], 7, "rbf", False, None, 1.0, True, "fast")
+    else:
+        y = _states(2, 9, 5, seed=64).to(DEVICE)
+        n = torch.tensor([7, 5], device=DEVICE)
+        out = cka_op._cka(x, y, order, n, "rbf", True, None, 1.0, "fast")
+    upstream = torch.rand(out[0].shape, generator=generator(65)).to(out[0])
+    with _ConstantFills() as fills:
+        (dx,) = torch.autograd.grad(out[0], x, upstream, retain_graph=True)
+    saved = {tuple(t.shape) for t in out[1:]}
+    assert not saved & set(fills.shapes), f"zero gradients filled for saved buffers: {fills.shapes}"
+    assert torch.isfinite(dx).all() and dx.abs().amax() > 0
+    # Through a saved buffer only: the backward gets None for the value and gives no gradient.
+    assert torch.autograd.grad(out[-1].sum(), x, allow_unused=True, retain_graph=True) == (None,)
+    (both,) = torch.autograd.grad(out[0].mul(upstream).sum() + out[2].sum(), x)
+    torch.testing.assert_close(both, dx, rtol=0, atol=0)
+
+
 def test_torch_compile_fullgraph_matches_eager():
     x = _states(2, 10, 16, seed=70).to(DEVICE)
     mask = _mask((2,), 10, seed=71).to(DEVICE)
@@ -215,12 +263,9 @@ def test_fused_operations_never_wait_for_the_device():
     mask = _mask((2,), 11, seed=132).to(DEVICE)
     scores = torch.randn(2, 11, generator=generator(133)).to(DEVICE)
     loss_fn = mk.NestedCKALoss((3, 12), k=4, backend="triton").to(DEVICE)
-    # The first call with new widths uploads their segment bounds to the device once
-    # (a CUDA graph capture needs such a warm-up call too).
-    with torch.no_grad():
-        mk.nested_cka(x, (4, 12), backend="triton")
-        mk.nested_cka(x, (3, 12), backend="triton")
-        mk.cka(x, y, backend="triton")
+    # A warm-up step uploads the segment bounds of new widths once and, on a GPU,
+    # compiles and tunes the kernels (a CUDA graph capture needs such a step too).
+    _training_calls(x, y, mask, scores, loss_fn)
     with HostSyncRecorder() as recorder:
         _training_calls(x, y, mask, scores, loss_fn)
     assert recorder.events == []
@@ -365,6 +410,219 @@ def test_cls_ranking_kernel_within_float32_rounding_of_float64(dtype):
         for twin in (17, 37):  # in the same block of tokens as 5, and in another
             if mask[b, 5] and mask[b, twin]:
                 assert (ranked == 5).nonzero() < (ranked == twin).nonzero(), "exact tie not in position order"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("precision", ["fast", "ieee"])
+def test_both_precisions_are_as_accurate_as_float32(precision, dtype):
+    # D = 100 spans two 64-column blocks; widths 13 and 77 end inside blocks, 64 on a
+    # block edge. The floors are a tenth of the other tests': a split dot that lost
+    # the low halves (or the lo.lo product of bf16) would show here. What the
+    # interpreter runs is the split algebra with every product exact in fp32 and an
+    # fp32 accumulation; the tensor cores' own accumulation is tested on a GPU.
+    lead, t, d = (3,), 40, 100
+    dims = (13, 64, 77, 100)
+    x = _states(*lead, t, d, seed=180, offset=6.0).to(dtype)
+    mask = _mask(lead, t, seed=181)
+
+    def fn(x, backend):
+        return mk.nested_cka(x, dims, k=[0.3, 12, 0.8, 1.0], k_min=4, scores="cls", mask=mask.to(x.device),
+                             detach_full=False, backend=backend, precision=precision)
+
+    value, (grad,) = _run(lambda a: fn(a, "triton"), [x.to(DEVICE)], 182)
+    runs32 = float32_runs(lambda a: _run(lambda b: fn(b, "torch"), a, 182), [x], seed=SESSION_SEED)
+    ref64, (grad64,) = _run(lambda a: fn(a, "torch"), [x.double()], 182)
+    assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR / 10,
+                                what="value", relative=False)
+    rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert_within_float32_error(grad, [g for _, (g,) in runs32], grad64, factor=4, floor=GRAD_FLOOR / 10,
+                                what="gradient", relative=True, extra=rounding)
+
+
+@triton.jit
+def _triangle_tiles(out_ptr, N, BLOCK: tl.constexpr):
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ti, tj = triangle_tile(t)
+    tl.store(out_ptr + 2 * t, ti, mask=t < N)
+    tl.store(out_ptr + 2 * t + 1, tj, mask=t < N)
+
+
+def test_triangle_tile_enumerates_the_upper_triangle_column_by_column():
+    tiles = _triangle_tiles
+    edge = 700  # tiles per side: far beyond any Gram edge (k <= 8192 in 16-row tiles)
+    want = torch.tensor([(i, j) for j in range(edge) for i in range(j + 1)], dtype=torch.int32)
+    got = torch.empty_like(want)
+    tiles[(triton.cdiv(len(want), 4096),)](got, len(want), BLOCK=4096)
+    assert torch.equal(got, want)
+
+
+def _ranked_inputs(batch, t, d, seed, real):
+    """States, a position order (real tokens first, shuffled) and the real counts."""
+    x = _states(batch, t, d, seed=seed)
+    order = torch.stack([torch.randperm(t, generator=generator(seed + 1 + b)) for b in range(batch)])
+    return x, order, torch.tensor(real)
+
+
+def test_gram_tiles_are_written_only_where_their_rows_are_used():
+    # k_top = 40 is three 16-row tiles under the interpreter; example 1 selects 5 rows
+    # (one tile), example 2 none. A slot's tiles are written only up to the rows it is
+    # read over (n for a prefix, kmax for the full width): everything else keeps the
+    # NaN it was filled with, and what is written is the shifted Gram.
+    x, order, kmax = _ranked_inputs(3, 50, 70, seed=190, real=[40, 5, 0])
+    n = torch.stack([torch.clamp(kmax, max=v) for v in (7, 33, 17)], dim=-1)  # (B, W), not monotone
+    bounds = (0, 5, 33, 64, 70)
+    grams = torch.full((3, 4, 40, 40), math.nan)
+    sq = torch.full((3, 4, 40), math.nan)
+    shift = torch.empty(3, 70)
+    gram.launch_shift(x, order, kmax, shift)
+    gram.launch_gram(x, order, n, kmax, shift, bounds, grams, sq, precision="fast")
+    tile = torch.arange(40) // 16
+    for b in range(3):
+        rows = x[b, order[b, :40]].double()
+        assert torch.allclose(shift[b].double(), rows[: kmax[b]].mean(0).float().double(), atol=1e-6) or kmax[b] == 0
+        z = (rows - shift[b].double()) * (torch.arange(40) < kmax[b])[:, None]
+        for s in range(4):
+            used = int(kmax[b]) if s == 3 else int(n[b, s])
+            written = (torch.maximum(tile[:, None], tile[None, :]) * 16 < used)
+            assert torch.equal(~torch.isnan(grams[b, s]), written), (b, s)
+            want = z[:, : bounds[s + 1]] @ z[:, : bounds[s + 1]].T
+            scale = want.abs().max().clamp(min=1)
+            assert ((grams[b, s].double() - want).abs()[written] <= 1e-5 * scale).all()
+            sq_want = (rows[:, : bounds[s + 1]] * (torch.arange(40) < kmax[b])[:, None]).square().sum(-1)
+            sq_written = tile * 16 < used
+            assert torch.equal(~torch.isnan(sq[b, s]), sq_written)
+            assert torch.allclose(sq[b, s][sq_written].double(), sq_want[sq_written], rtol=1e-5)
+
+
+@pytest.mark.parametrize("full_grad", [False, True], ids=["detached", "full-grad"])
+def test_input_gradient_writes_every_entry_once(full_grad):
+    # dx starts as NaN: every entry must be written, zeros at the unselected positions
+    # and (detached full width) at the columns past the widest width, which the
+    # trailing column blocks only store.
+    t, d = 45, 150
+    x, order, kmax = _ranked_inputs(3, t, d, seed=195, real=[30, 4, 0])
+    bounds = (0, 9, 64, 100, 150)
+    shift = x.mean(1)
+    slots = 4 if full_grad else 3
+    coef = torch.randn(3, slots, 30, 30, generator=generator(196))
+    coef = coef + coef.mT
+    dx = torch.full_like(x, math.nan)
+    backward.launch_dx(x, order, kmax, shift, bounds, coef, dx, n_prefix=3, full_grad=full_grad, precision="ieee")
+    assert not dx.isnan().any()
+    for b in range(3):
+        k = int(kmax[b])
+        z = (x[b, order[b, :k]] - shift[b]).double()
+        want = torch.zeros(t, d, dtype=torch.float64)
+        for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            c = torch.zeros(k, k, dtype=torch.float64)
+            if s < 3:
+                c += coef[b, s, :k, :k].double()
+            if full_grad:
+                c += coef[b, 3, :k, :k].double()
+            want[order[b, :k], lo:hi] = c @ z[:, lo:hi]
+        assert torch.allclose(dx[b].double(), want, atol=1e-4 * want.abs().max().clamp(min=1))
+        assert (dx[b, order[b, k:]] == 0).all()
+        if not full_grad:
+            assert (dx[b, :, 100:] == 0).all()
+
+
+def test_interpreter_runs_one_config_and_every_gpu_config_is_correct(monkeypatch):
+    # Under the interpreter the tuned kernels run a single small config. The GPU
+    # configs (larger tiles, steps and column blocks) run here too, once each, on a
+    # case that spans several of their tiles, and must match the reference.
+    # Every GPU config, with a dot scheme it serves.
+    tuned = [(gram._gram_kernel, c, "fast") for c in gram._GRAM_CONFIGS]
+    tuned += [(backward._dx_kernel, c, "fast") for c in backward._DX_FAST_CONFIGS]
+    tuned += [(backward._dx_kernel, c, "ieee") for c in backward._DX_IEEE_CONFIGS]
+    if DEVICE == "cuda":
+        pytest.skip("the interpreter's single-config path")
+    lead, t, d = (1,), 80, 140
+    dims = (16, 70, 128)
+    x = _states(*lead, t, d, seed=200)
+    mask = (torch.arange(t) < 77).expand(*lead, t)  # k_top = 72: two or three GPU-config tiles
+
+    def fn(x, backend, precision="fast"):
+        return mk.nested_cka(x, dims, k=[0.2, 0.5, 0.9], mask=mask.to(x.device), detach_full=False,
+                             backend=backend, precision=precision)
+
+    runs32 = float32_runs(lambda a: _run(lambda b: fn(b, "torch"), a, 202), [x], seed=SESSION_SEED)
+    ref64, (grad64,) = _run(lambda a: fn(a, "torch"), [x.double()], 202)
+    for kernel, config, precision in tuned:
+        assert kernel.config.kwargs["BLOCK_D"] == 64 == config.kwargs["BLOCK_D"]
+        with monkeypatch.context() as patch:
+            patch.setattr(kernel, "config", config)
+            value, (grad,) = _run(lambda a: fn(a, "triton", precision), [x], 202)
+        assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
+                                    what=f"value {config}", relative=False)
+        assert_within_float32_error(grad, [g for _, (g,) in runs32], grad64, factor=4, floor=GRAD_FLOOR,
+                                    what=f"gradient {config}", relative=True)
+
+
+def test_k_top_far_above_every_example_count():
+    # k=None makes the Gram edge T = 64 (four interpreter tiles per side) while every
+    # example selects at most 9 rows: all but the first tile exit at once.
+    x = _states(3, 64, 20, seed=210)
+    mask = torch.zeros(3, 64, dtype=torch.bool)
+    mask[0, [1, 5, 30, 31, 40, 50, 60, 62, 63]] = True
+    mask[1, :6] = True
+    mask[2, 20:24] = True
+
+    def fn(x, backend):
+        return mk.nested_cka(x, (3, 11, 20), mask=mask.to(x.device), kernel="rbf", unbiased=True,
+                             detach_full=False, backend=backend)
+
+    _compare(fn, [x], seed=211)
+
+
+def test_two_runs_are_bitwise_equal():
+    # No atomics anywhere: values and gradients are reproducible bit for bit.
+    x = _states(2, 30, 40, seed=220).to(DEVICE)
+    mask = _mask((2,), 30, seed=221).to(DEVICE)
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        value = mk.nested_cka(leaf, (8, 20, 33), k=[0.3, 0.6, 0.9], scores="cls", mask=mask, kernel="rbf",
+                              detach_full=False, backend="triton")
+        value.backward(torch.ones_like(value))
+        return value.detach(), leaf.grad
+
+    first, second = run(), run()
+    assert torch.equal(first[0].nan_to_num(7.0), second[0].nan_to_num(7.0))
+    assert torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.5])
+def test_radix_median_is_numpys_median_exactly(threshold):
+    # "Grams" with a zero diagonal make every squared distance max(-2 g, 0) exactly
+    # (no rounding, fused or not), so the kernel's selection must return numpy's
+    # median of those fp32 values bit for bit: full 24-bit significands spread over
+    # several binades (all four radix digits vary), ties (repeated values and the
+    # zeros of non-negative g), odd and even counts, one row (median 0: NaN), none.
+    from mipic_kernels.fused import stats
+
+    batch, widths, k = 2, 4, 40
+    g = -torch.rand(batch, widths + 1, k, k, generator=generator(230)) * 2.0 ** torch.randint(
+        -6, 7, (batch, widths + 1, k, k), generator=generator(231))
+    g[..., :6, :6] = -1.5  # a block of equal values
+    g[..., 30:, :] = g[..., 30:, :].abs()  # non-negative g: distance 0
+    g = (g + g.mT) / 2
+    g.diagonal(dim1=-2, dim2=-1).zero_()
+    n = torch.tensor([[40, 33, 1, 17], [0, 2, 39, 40]])
+    gx, gy = g[:, :widths], g[:, widths:].expand(batch, widths, k, k)
+    got = stats.bandwidths(gx.to(DEVICE), gy.to(DEVICE), n.to(DEVICE), kernel="rbf", sigma=None,
+                           rbf_threshold=threshold).cpu()
+    for b in range(batch):
+        for w in range(widths):
+            m = int(n[b, w])
+            for side, gram in enumerate((gx[b, w], gy[b, w])):
+                dist = torch.clamp(-2 * gram[:m, :m], min=0).numpy().astype("float32")
+                if m == 0 or np.median(dist) == 0:
+                    assert math.isnan(got[b, w, side]), (b, w, side)
+                    continue
+                ordered = np.sort(dist, axis=None)
+                lo, hi = ordered[(m * m - 1) // 2], ordered[(m * m) // 2]
+                want = np.float32(threshold**2) * (np.float32(0.5) * lo + np.float32(0.5) * hi)
+                assert got[b, w, side].item() == float(want), (b, w, side)
 
 
 def test_leading_dims_and_empty_batch():

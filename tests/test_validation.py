@@ -30,6 +30,8 @@ X = torch.randn(2, 6, 5)
         (lambda: mk.cka(X, X, rbf_threshold=math.nan), ValueError, "rbf_threshold must be a positive finite"),
         (lambda: mk.cka(X, X, rbf_threshold=-1.0), ValueError, "rbf_threshold must be a positive finite"),
         (lambda: mk.cka(X, X, backend="cuda"), ValueError, "backend must be one of"),
+        (lambda: mk.cka(X, X, precision="tf32"), ValueError, r"precision must be one of \('fast', 'ieee'\)"),
+        (lambda: mk.nested_cka(X, [2, 5], precision=None), ValueError, "precision must be one of"),
         (lambda: mk.cka(X.clone().fill_(math.nan), X), ValueError, "x must be finite"),
         (lambda: mk.cka(X, X.clone().fill_(math.inf)), ValueError, "y must be finite"),
         (lambda: mk.nested_cka(torch.randn(2, 0, 5), [2]), ValueError, r"at least one token position"),

@@ -79,9 +79,10 @@ def cls_order(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def cka(
     x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *, kernel: str, unbiased: bool,
-    sigma: Optional[float], rbf_threshold: float,
+    sigma: Optional[float], rbf_threshold: float, precision: str,
 ) -> torch.Tensor:
-    """CKA of the masked rows of ``x (*, n, p)`` and ``y (*, n, q)``; returns ``(*)``."""
+    """CKA of the masked rows of ``x (*, n, p)`` and ``y (*, n, q)``; returns ``(*)``.
+    ``precision``: ``"fast"`` (tensor-core split dots) or ``"ieee"`` (fp32 FMA dots)."""
     from . import cka_op
 
     check_usable(y)
@@ -90,7 +91,7 @@ def cka(
     value = cka_op.cka(
         x.reshape(-1, rows, x.shape[-1]), y.reshape(-1, rows, y.shape[-1]),
         selection.rank_tokens(None, mask), mask.sum(-1),
-        kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
+        kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold, precision=precision,
     )
     return value.reshape(lead)
 
@@ -98,11 +99,13 @@ def cka(
 def nested_cka_ranked(
     x: torch.Tensor, dims: tuple[int, ...], order: torch.Tensor, k: torch.Tensor, k_top: int, *,
     kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
+    precision: str,
 ) -> torch.Tensor:
     """CKA of each width prefix against the full width over its top-``k`` tokens.
 
     ``x (*, T, D)``; ``order (*, T)`` positions best first; ``k (*, W)`` token counts,
-    each at most ``k_top``, the edge of the Grams. Returns ``(*, W)``.
+    each at most ``k_top``, the edge of the Grams; ``precision`` as in :func:`cka`.
+    Returns ``(*, W)``.
     """
     from . import nested_cka_op
 
@@ -110,6 +113,6 @@ def nested_cka_ranked(
     value = nested_cka_op.nested_cka(
         x.reshape(-1, tokens, depth), order.reshape(-1, tokens), k.reshape(-1, len(dims)), dims,
         k_top, kernel=kernel, unbiased=unbiased, sigma=sigma, rbf_threshold=rbf_threshold,
-        detach_full=detach_full,
+        detach_full=detach_full, precision=precision,
     )
     return value.reshape(*lead, len(dims))

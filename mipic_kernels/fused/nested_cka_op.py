@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..rules import segment_bounds
-from .backward import coefficients, input_grad, upstream_scale
+from .backward import coefficients, input_grad
 from .gram import nested_grams
 from .saved import Saved, fake_saved
 from .stats import cka_from_grams
@@ -24,16 +24,19 @@ from .stats import cka_from_grams
 
 def forward(
     x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: tuple[int, ...], k_top: int, *,
-    kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float,
+    kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, precision: str,
 ) -> tuple[torch.Tensor, Saved]:
     """``x (B, T, D)``, ``order (B, T)``, ``k (B, W)`` at most ``k_top`` -> CKA ``(B, W)``
     and intermediates."""
     batch, _, depth = x.shape
     widths = len(dims)
-    grams, sq, shift = nested_grams(x, order, k.amax(-1), segment_bounds(dims, depth), k_top)
+    grams, sq, shift = nested_grams(
+        x, order, k, k.amax(-1), segment_bounds(dims, depth), k_top, precision=precision
+    )
     gy = grams[:, -1:].expand(batch, widths, k_top, k_top)
     value, bw, stats, rowsums = cka_from_grams(
-        grams[:, :widths], gy, k, sq[:, :widths], sq[:, -1:], kernel=kernel, unbiased=unbiased,
+        grams[:, :widths], gy, k, sq[:, :widths], sq[:, -1:].expand(batch, widths, k_top),
+        kernel=kernel, unbiased=unbiased,
         sigma=sigma, rbf_threshold=rbf_threshold,
     )
     return value, Saved(grams, shift, bw, stats, rowsums)
@@ -42,21 +45,22 @@ def forward(
 def backward(
     grad: torch.Tensor, x: torch.Tensor, order: torch.Tensor, k: torch.Tensor,
     dims: tuple[int, ...], value: torch.Tensor, saved: Saved, *,
-    kernel: str, unbiased: bool, detach_full: bool,
+    kernel: str, unbiased: bool, detach_full: bool, precision: str,
 ) -> torch.Tensor:
     """Gradient wrt ``x (B, T, D)`` of ``sum(grad * value)``."""
     batch, _, depth = x.shape
     widths = len(dims)
     k_top = saved.grams.shape[-1]
     gy = saved.grams[:, -1:].expand(batch, widths, k_top, k_top)
+    kmax = k.amax(-1)
     coef = coefficients(
-        saved.grams[:, :widths], gy, k, saved.bw, saved.stats, saved.rowsums,
-        upstream_scale(grad, value, saved.stats), kernel=kernel, unbiased=unbiased,
+        saved.grams[:, :widths], gy, k, kmax, saved.bw, saved.stats, saved.rowsums, grad, value,
+        kernel=kernel, unbiased=unbiased,
         full_grad=not detach_full,
     )
     return input_grad(
-        x, order, k.amax(-1), saved.shift, segment_bounds(dims, depth), coef,
-        n_prefix=widths, full_grad=not detach_full,
+        x, order, kmax, saved.shift, segment_bounds(dims, depth), coef,
+        n_prefix=widths, full_grad=not detach_full, precision=precision,
     )
 
 
@@ -64,16 +68,17 @@ def backward(
 def _nested_cka(
     x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: list[int], k_top: int,
     kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     value, saved = forward(
         x, order, k, tuple(dims), k_top, kernel=kernel, unbiased=unbiased, sigma=sigma,
-        rbf_threshold=rbf_threshold,
+        rbf_threshold=rbf_threshold, precision=precision,
     )
     return (value, *saved)
 
 
 @_nested_cka.register_fake
-def _(x, order, k, dims, k_top, kernel, unbiased, sigma, rbf_threshold, detach_full):
+def _(x, order, k, dims, k_top, kernel, unbiased, sigma, rbf_threshold, detach_full, precision):
     slots = len(segment_bounds(dims, x.shape[-1])) - 1
     value = torch.empty(x.shape[0], len(dims), device=x.device, dtype=torch.float32)
     return (value, *fake_saved(x, slots, len(dims), k_top))
@@ -84,28 +89,34 @@ def _nested_cka_backward(
     grad: torch.Tensor, x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, value: torch.Tensor,
     grams: torch.Tensor, shift: torch.Tensor, bw: torch.Tensor, stats: torch.Tensor,
     rowsums: torch.Tensor, dims: list[int], kernel: str, unbiased: bool, detach_full: bool,
+    precision: str,
 ) -> torch.Tensor:
     return backward(
         grad, x, order, k, tuple(dims), value, Saved(grams, shift, bw, stats, rowsums),
-        kernel=kernel, unbiased=unbiased, detach_full=detach_full,
+        kernel=kernel, unbiased=unbiased, detach_full=detach_full, precision=precision,
     )
 
 
 @_nested_cka_backward.register_fake
-def _(grad, x, order, k, value, grams, shift, bw, stats, rowsums, dims, kernel, unbiased, detach_full):
+def _(grad, x, order, k, value, grams, shift, bw, stats, rowsums, dims, kernel, unbiased, detach_full,
+      precision):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, order, k, dims, _, kernel, unbiased, _, _, detach_full = inputs
+    x, order, k, dims, _, kernel, unbiased, _, _, detach_full, precision = inputs
     ctx.save_for_backward(x, order, k, *output)
-    ctx.options = (dims, kernel, unbiased, detach_full)
+    ctx.options = (dims, kernel, unbiased, detach_full, precision)
+    # The saved buffers are outputs only to reach the backward: autograd would hand it a
+    # zero gradient for each (the Gram stack alone is 0.8 GB at bert-base batch 128).
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(ctx, grad, *_unused):
-    dims, kernel, unbiased, detach_full = ctx.options
-    dx = _nested_cka_backward(grad, *ctx.saved_tensors, dims, kernel, unbiased, detach_full)
-    return dx, None, None, None, None, None, None, None, None, None
+    if grad is None:  # reached only through the saved buffers, which carry no gradient
+        return (None,) * 11
+    dx = _nested_cka_backward(grad, *ctx.saved_tensors, *ctx.options)
+    return dx, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -116,9 +127,10 @@ torch.library.register_autograd(
 def nested_cka(
     x: torch.Tensor, order: torch.Tensor, k: torch.Tensor, dims: tuple[int, ...], k_top: int, *,
     kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float, detach_full: bool,
+    precision: str,
 ) -> torch.Tensor:
     """Differentiable nested CKA ``(B, W)`` of ``x (B, T, D)`` over the rows
     ``order[b, :k[b, w]]`` of each example and width; every count is at most ``k_top``."""
     return _nested_cka(
-        x, order, k, list(dims), k_top, kernel, unbiased, sigma, rbf_threshold, detach_full
+        x, order, k, list(dims), k_top, kernel, unbiased, sigma, rbf_threshold, detach_full, precision
     )[0]

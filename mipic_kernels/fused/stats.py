@@ -1,10 +1,12 @@
 """Centred HSIC statistics of every (width, token count) block, and the CKA they give.
 
-One program per (example, width) streams its ``n x n`` leading blocks of the two
-Grams in row blocks of ``BM`` rows (all ``KP >= n`` columns at once), forms the
-kernel matrices on the fly (linear: the Gram itself; RBF: ``exp(-dist / (2 s^2))``
-with ``dist`` from the Gram) and reduces them to scalars. The centred matrices are
-never written to memory.
+The rows of each entry's ``n x n`` blocks are split across programs: one program per
+(example, width, block of ``BM`` rows) holds its rows times all ``KP >= n`` columns,
+forms the kernel matrices on the fly (linear: the Gram itself; RBF:
+``exp(-dist / (2 s^2))`` with ``dist`` from the Gram) and reduces them. A kernel matrix
+is symmetric, so a program's row sums are complete; the scalars are reduced in two
+levels, within the program and then over the row blocks in a fixed order (no atomics:
+results are reproducible bit for bit). The centred matrices never reach memory.
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ from .tl_utils import centred_tile, distance_tile, load_gram_tile, load_kernel_t
 
 
 # Elements of one (BM x KP) register tile. With 8 warps the statistics, median and
-# coefficient kernels (up to about ten live tiles) compile to at most ~150
-# registers per thread without spills on sm_90 (checked with ptxas, KP 16 ... 512).
+# coefficient kernels compile to at most ~200 registers per thread without spills on
+# sm_90 (docs/kernels.md, scripts/kernel_resources.py, KP 16 ... 512).
 _TILE_ELEMENTS = 2048
 NUM_WARPS = 8
 
-# Columns of the per-(example, width) statistics record, for torch and (as
-# constexpr globals) for the kernels.
-A, B, C, SPREAD_X, SPREAD_Y, TOTAL_X, TOTAL_Y = range(7)
-N_STATS = 7
-COL_A, COL_B, COL_C, COL_SPREAD_X, COL_SPREAD_Y, COL_TOTAL_X, COL_TOTAL_Y = (
+# Columns of the per-(example, width) statistics record, for torch and (as constexpr
+# globals) for the kernels: the HSIC terms a = <P(K), P(L)>, b = <P(K), P(K)>,
+# c = <P(L), P(L)>, the spreads sum_i |z_i - mean|^2 = trace(G) - sum(G) / n and sizes
+# sum_i |x_i|^2 (unshifted rows) of the two sides, and the totals of the two kernel
+# matrices. Every column is a sum over row blocks of per-block partials.
+# The first five come from the HSIC pass, the last four from the row-sum pass.
+A, B, C, TOTAL_X, TOTAL_Y, SPREAD_X, SPREAD_Y, SIZE_X, SIZE_Y = range(9)
+N_STATS = 9
+COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, COL_SPREAD_X, COL_SPREAD_Y, COL_SIZE_X, COL_SIZE_Y = (
     tl.constexpr(i) for i in range(N_STATS)
 )
 ROW = tl.constexpr(N_STATS)
@@ -42,130 +48,221 @@ def row_block(k_top: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _stats_kernel(
-    gx_ptr, gy_ptr, n_ptr, bw_ptr, out_ptr, rs_ptr,
-    W, stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
-    stride_rsb, stride_rsw, stride_rss,
-    RBF: tl.constexpr, UNBIASED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
-):
-    """Statistics record and kernel row sums of entry ``(b, w)``: its ``n x n`` blocks
-    of ``gx[b, w]`` and ``gy[b, w]``, with ``n = n[b, w]``."""
-    b = tl.program_id(0).to(tl.int64)
-    w = tl.program_id(1)
-    n = tl.load(n_ptr + b * W + w).to(tl.int32)
-    # Undefined entries (n too small) are masked later; safe n keeps them finite.
+def entry_block(pid, W, RB):
+    """``(b, w, rb)`` of a program of a grid over examples x widths x row blocks, the
+    example slowest."""
+    return (pid // (W * RB)).to(tl.int64), (pid // RB) % W, pid % RB
+
+
+@triton.jit
+def load_bandwidths(bw_ptr, entry):
+    """The two RBF bandwidths of an entry; a NaN one (an unusable median, which makes
+    the entry undefined) reads as 1 so that the kernel values stay finite."""
+    bwx = tl.load(bw_ptr + entry * 2)
+    bwy = tl.load(bw_ptr + entry * 2 + 1)
+    return tl.where(bwx == bwx, bwx, 1.0), tl.where(bwy == bwy, bwy, 1.0)
+
+
+@triton.jit
+def safe_count(n, UNBIASED: tl.constexpr):
+    """The token count as fp32, raised to the estimator's minimum (4 unbiased, 1 biased)
+    so that undefined entries (masked later) stay finite."""
     if UNBIASED:
-        nf = tl.maximum(n, 4).to(tl.float32)
-    else:
-        nf = tl.maximum(n, 1).to(tl.float32)
-    bwx = tl.load(bw_ptr + (b * W + w) * 2)
-    bwy = tl.load(bw_ptr + (b * W + w) * 2 + 1)
+        return tl.maximum(n, 4).to(tl.float32)
+    return tl.maximum(n, 1).to(tl.float32)
+
+
+@triton.jit
+def entry_kernel_tiles(
+    gx_ptr, gy_ptr, bw_ptr, b, w, W, rows, cols, row_ok, col_ok,
+    stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr,
+):
+    """``(G, K, diag G, H, L, diag H)`` of entry ``(b, w)`` at rows ``rows``: its two Gram
+    blocks (prefix and full width), their kernel matrices and their diagonals at
+    ``cols``."""
+    bwx, bwy = load_bandwidths(bw_ptr, b * W + w)
     gx = gx_ptr + b * stride_gxb + w * stride_gxw
     gy = gy_ptr + b * stride_gyb + w * stride_gyw
-    rs = rs_ptr + b * stride_rsb + w * stride_rsw
-    cols = tl.arange(0, KP)
-    col_ok = cols < n
     dx_c = tl.load(gx + cols * (stride_gxi + stride_gxj), mask=col_ok, other=0.0)
     dy_c = tl.load(gy + cols * (stride_gyi + stride_gyj), mask=col_ok, other=0.0)
+    g1, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
+    g2, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
+    return g1, kx, dx_c, g2, ky, dy_c
 
-    # Pass 1: row sums and totals of the kernel matrices.
-    col_x = tl.zeros([KP], dtype=tl.float32)
-    col_y = tl.zeros([KP], dtype=tl.float32)
-    raw_x = 0.0
-    raw_y = 0.0
-    for r0 in range(0, n, BM):
-        rows = r0 + tl.arange(0, BM)
-        row_ok = rows < n
-        g1, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
-        g2, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
-        raw_x += tl.sum(tl.sum(g1, axis=1), axis=0)
-        raw_y += tl.sum(tl.sum(g2, axis=1), axis=0)
-        tl.store(rs + rows, tl.sum(kx, axis=1), mask=row_ok)
-        tl.store(rs + stride_rss + rows, tl.sum(ky, axis=1), mask=row_ok)
-        col_x += tl.sum(kx, axis=0)
-        col_y += tl.sum(ky, axis=0)
-    t_x = tl.sum(col_x, axis=0)
-    t_y = tl.sum(col_y, axis=0)
 
-    # Pass 2: inner products of the centred matrices. Biased: double centring, as the
-    # reference does. Unbiased: U-centring, an orthogonal projection, so
-    # <U(K), U(L)> equals Song's bracket <U(K), L~>; the centred form avoids the
-    # cancellation of the expanded bracket (sum K o L + totals - row sums) in fp32.
-    a = 0.0
-    bb = 0.0
-    c = 0.0
-    for r0 in range(0, n, BM):
-        rows = r0 + tl.arange(0, BM)
-        row_ok = rows < n
-        valid = row_ok[:, None] & col_ok[None, :]
-        _, kx = load_kernel_tile(gx, stride_gxi, stride_gxj, rows, cols, row_ok, col_ok, dx_c, bwx, RBF, UNBIASED)
-        _, ky = load_kernel_tile(gy, stride_gyi, stride_gyj, rows, cols, row_ok, col_ok, dy_c, bwy, RBF, UNBIASED)
-        px = centred_tile(kx, tl.sum(kx, axis=1), col_x, t_x, nf, rows, cols, valid, UNBIASED)
-        py = centred_tile(ky, tl.sum(ky, axis=1), col_y, t_y, nf, rows, cols, valid, UNBIASED)
-        a += tl.sum(tl.sum(px * py, axis=1), axis=0)
-        bb += tl.sum(tl.sum(px * px, axis=1), axis=0)
-        c += tl.sum(tl.sum(py * py, axis=1), axis=0)
+@triton.jit
+def _zero_partials(part, FIRST: tl.constexpr, COUNT: tl.constexpr):
+    """Zero the ``COUNT`` partial columns from ``FIRST`` of a row block past ``n``."""
+    cols = tl.arange(0, 8)
+    tl.store(part + FIRST + cols, tl.zeros([8], dtype=tl.float32), mask=cols < COUNT)
 
+
+@triton.jit
+def _row_block(n_ptr, part_ptr, W, RB, stride_pb, stride_pw, stride_pr, BM: tl.constexpr, KP: tl.constexpr):
+    """``(b, w, rb, n, partials pointer, rows, cols)`` of a program of the statistics grid."""
+    b, w, rb = entry_block(tl.program_id(0), W, RB)
+    n = tl.load(n_ptr + b * W + w).to(tl.int32)
+    part = part_ptr + b * stride_pb + w * stride_pw + rb * stride_pr
+    return b, w, rb, n, part, rb * BM + tl.arange(0, BM), tl.arange(0, KP)
+
+
+@triton.jit
+def _rowsum_kernel(
+    gx_ptr, gy_ptr, sqx_ptr, sqy_ptr, n_ptr, bw_ptr, part_ptr, rs_ptr, W, RB,
+    stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    stride_sqxb, stride_sqxw, stride_sqyb, stride_sqyw,
+    stride_pb, stride_pw, stride_pr, stride_rsb, stride_rsw, stride_rss,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
+):
+    """Pass 1 for the rows of block ``rb`` of entry ``(b, w)``: the kernel-matrix row sums
+    (complete: the matrices are symmetric) and the partial spreads and sizes of the two
+    sides (``sq*``: squared norms of the unshifted rows). Row blocks past ``n`` write zero
+    partials and nothing else."""
+    b, w, rb, n, part, rows, cols = _row_block(n_ptr, part_ptr, W, RB, stride_pb, stride_pw, stride_pr, BM, KP)
+    if rb * BM >= n:
+        _zero_partials(part, COL_SPREAD_X, 4)
+        return
+    row_ok = rows < n
+    col_ok = cols < n
+    g1, kx, dx_c, g2, ky, dy_c = entry_kernel_tiles(
+        gx_ptr, gy_ptr, bw_ptr, b, w, W, rows, cols, row_ok, col_ok,
+        stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj, RBF, UNBIASED,
+    )
+    rs = rs_ptr + b * stride_rsb + w * stride_rsw
+    tl.store(rs + rows, tl.sum(kx, axis=1), mask=row_ok)
+    tl.store(rs + stride_rss + rows, tl.sum(ky, axis=1), mask=row_ok)
+    # Spread = trace(G) - sum(G) / n: linear in the entries, so it splits by rows.
+    mine = (cols >= rb * BM) & (cols < rb * BM + BM) & col_ok
     n_safe = tl.maximum(n, 1).to(tl.float32)
-    out = out_ptr + (b * W + w) * ROW
-    tl.store(out + COL_A, a)
-    tl.store(out + COL_B, bb)
-    tl.store(out + COL_C, c)
-    tl.store(out + COL_SPREAD_X, tl.sum(dx_c, axis=0) - raw_x / n_safe)
-    tl.store(out + COL_SPREAD_Y, tl.sum(dy_c, axis=0) - raw_y / n_safe)
-    tl.store(out + COL_TOTAL_X, t_x)
-    tl.store(out + COL_TOTAL_Y, t_y)
+    spread_x = tl.sum(tl.where(mine, dx_c, 0.0), axis=0) - tl.sum(tl.sum(g1, axis=1), axis=0) / n_safe
+    spread_y = tl.sum(tl.where(mine, dy_c, 0.0), axis=0) - tl.sum(tl.sum(g2, axis=1), axis=0) / n_safe
+    tl.store(part + COL_SPREAD_X, spread_x)
+    tl.store(part + COL_SPREAD_Y, spread_y)
+    sqx = tl.load(sqx_ptr + b * stride_sqxb + w * stride_sqxw + rows, mask=row_ok, other=0.0)
+    sqy = tl.load(sqy_ptr + b * stride_sqyb + w * stride_sqyw + rows, mask=row_ok, other=0.0)
+    tl.store(part + COL_SIZE_X, tl.sum(sqx, axis=0))
+    tl.store(part + COL_SIZE_Y, tl.sum(sqy, axis=0))
+
+
+@triton.jit
+def _hsic_kernel(
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, part_ptr, rs_ptr, W, RB,
+    stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
+    stride_pb, stride_pw, stride_pr, stride_rsb, stride_rsw, stride_rss,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
+):
+    """Pass 2 for the rows of block ``rb`` of entry ``(b, w)``: partial inner products of
+    the centred matrices. Biased: double centring, as the reference does. Unbiased:
+    U-centring, an orthogonal projection, so ``<U(K), U(L)>`` equals Song's bracket
+    ``<U(K), L~>``; the centred form avoids the cancellation of the expanded bracket in
+    fp32. Every program of an entry sums the same row sums to the kernel totals, the
+    same way; block 0 records them."""
+    b, w, rb, n, part, rows, cols = _row_block(n_ptr, part_ptr, W, RB, stride_pb, stride_pw, stride_pr, BM, KP)
+    if rb * BM >= n:
+        _zero_partials(part, COL_A, 5)
+        return
+    row_ok = rows < n
+    col_ok = cols < n
+    valid = row_ok[:, None] & col_ok[None, :]
+    nf = safe_count(n, UNBIASED)
+    _, kx, _, _, ky, _ = entry_kernel_tiles(
+        gx_ptr, gy_ptr, bw_ptr, b, w, W, rows, cols, row_ok, col_ok,
+        stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj, RBF, UNBIASED,
+    )
+    rs = rs_ptr + b * stride_rsb + w * stride_rsw
+    rx_c = tl.load(rs + cols, mask=col_ok, other=0.0)
+    ry_c = tl.load(rs + stride_rss + cols, mask=col_ok, other=0.0)
+    t_x = tl.sum(rx_c, axis=0)
+    t_y = tl.sum(ry_c, axis=0)
+    rx_r = tl.load(rs + rows, mask=row_ok, other=0.0)
+    ry_r = tl.load(rs + stride_rss + rows, mask=row_ok, other=0.0)
+    px = centred_tile(kx, rx_r, rx_c, t_x, nf, rows, cols, valid, UNBIASED)
+    py = centred_tile(ky, ry_r, ry_c, t_y, nf, rows, cols, valid, UNBIASED)
+    tl.store(part + COL_A, tl.sum(tl.sum(px * py, axis=1), axis=0))
+    tl.store(part + COL_B, tl.sum(tl.sum(px * px, axis=1), axis=0))
+    tl.store(part + COL_C, tl.sum(tl.sum(py * py, axis=1), axis=0))
+    tl.store(part + COL_TOTAL_X, tl.where(rb == 0, t_x, 0.0))
+    tl.store(part + COL_TOTAL_Y, tl.where(rb == 0, t_y, 0.0))
 
 
 @triton.jit
 def _median_kernel(
-    g_ptr, n_ptr, out_ptr, W, stride_gb, stride_gw, stride_gi, stride_gj, scale,
+    gx_ptr, gy_ptr, n_ptr, out_ptr, W,
+    stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj, scale,
     KP: tl.constexpr, BM: tl.constexpr,
 ):
-    """``scale * median`` of the ``n * n`` squared distances of one Gram's leading
-    block (numpy's median: mean of the two middle values), NaN when not positive.
+    """``scale * median`` of the ``n * n`` squared distances of one Gram's leading block
+    (numpy's median: mean of the two middle values), NaN when not positive. Program
+    ``(b, w, side)``: side 0 the prefix Gram, side 1 the full-width Gram.
 
-    Exact selection by bisection on the bit patterns of the (non-negative) fp32
-    distances, whose integer order is their numeric order: 31 counting sweeps over
-    the block find the two middle values at once. Nothing is written but the result.
+    Exact selection by radix on the bit patterns of the (non-negative) fp32 distances,
+    whose integer order is their numeric order: four counting sweeps over the block,
+    each a 256-bin histogram of the next 8 bits among the values that share the bits
+    found so far, give the lower middle value; a fifth sweep finds the next larger
+    value when the two middle ranks differ. Nothing is written but the result.
     """
-    b = tl.program_id(0).to(tl.int64)
-    w = tl.program_id(1)
+    pid = tl.program_id(0)
+    b = (pid // (2 * W)).to(tl.int64)
+    w = (pid // 2) % W
+    side = pid % 2
+    if side == 0:
+        g = gx_ptr + b * stride_gxb + w * stride_gxw
+        stride_gi = stride_gxi
+        stride_gj = stride_gxj
+    else:
+        g = gy_ptr + b * stride_gyb + w * stride_gyw
+        stride_gi = stride_gyi
+        stride_gj = stride_gyj
     n = tl.load(n_ptr + b * W + w).to(tl.int32)
-    g = g_ptr + b * stride_gb + w * stride_gw
     cols = tl.arange(0, KP)
     col_ok = cols < n
     sq_c = tl.load(g + cols * (stride_gi + stride_gj), mask=col_ok, other=0.0)
-    # 0-based ranks of the two middle values; searched as "smallest v with more
-    # than rank values <= v".
-    need_lo = (n * n - 1) // 2 + 1
-    need_hi = (n * n) // 2 + 1
-    lo_a = 0
-    hi_a = 0x7F800000  # +inf
-    lo_b = 0
-    hi_b = 0x7F800000
-    for _ in range(31):
-        mid_a = lo_a + (hi_a - lo_a) // 2
-        mid_b = lo_b + (hi_b - lo_b) // 2
-        count_a = 0
-        count_b = 0
+    bins = tl.arange(0, 256)
+    # 0-based ranks of the two middle values.
+    rank = tl.maximum(n * n - 1, 0) // 2
+    rank_hi = (n * n) // 2
+    prefix = rank * 0
+    below = rank * 0
+    at = rank * 0
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        hist = tl.zeros([256], dtype=tl.int32)
         for r0 in range(0, n, BM):
             rows = r0 + tl.arange(0, BM)
             row_ok = rows < n
             valid = row_ok[:, None] & col_ok[None, :]
             tile, sq_r = load_gram_tile(g, stride_gi, stride_gj, rows, cols, row_ok, col_ok)
             bits = distance_tile(tile, sq_r, sq_c, rows, cols).to(tl.int32, bitcast=True)
-            count_a += tl.sum(tl.sum(tl.where(valid & (bits <= mid_a), 1, 0), axis=1), axis=0)
-            count_b += tl.sum(tl.sum(tl.where(valid & (bits <= mid_b), 1, 0), axis=1), axis=0)
-        hi_a = tl.where(count_a >= need_lo, mid_a, hi_a)
-        lo_a = tl.where(count_a >= need_lo, lo_a, mid_a + 1)
-        hi_b = tl.where(count_b >= need_hi, mid_b, hi_b)
-        lo_b = tl.where(count_b >= need_hi, lo_b, mid_b + 1)
-    v_lo = hi_a.to(tl.float32, bitcast=True)
-    v_hi = hi_b.to(tl.float32, bitcast=True)
+            if p > 0:
+                valid = valid & ((bits >> (shift + 8)) == (prefix >> (shift + 8)))
+            digit = tl.where(valid, (bits >> shift) & 0xFF, 0)
+            # Values left out were counted in bin 0: take them back out.
+            hist += tl.histogram(tl.reshape(digit, [BM * KP]), 256)
+            hist -= tl.where(bins == 0, BM * KP - tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0), 0)
+        cum = tl.cumsum(hist, 0)
+        d = tl.sum((cum <= rank).to(tl.int32), axis=0)
+        before = tl.sum(tl.where(bins < d, hist, 0), axis=0)
+        at = tl.sum(tl.where(bins == d, hist, 0), axis=0)
+        rank -= before
+        below += before
+        prefix = prefix | (d << shift)
+    # The upper middle value: the same one when enough values equal it, else the
+    # smallest larger one.
+    upper = prefix * 0 + 0x7F800000
+    for r0 in range(0, n, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < n
+        valid = row_ok[:, None] & col_ok[None, :]
+        tile, sq_r = load_gram_tile(g, stride_gi, stride_gj, rows, cols, row_ok, col_ok)
+        bits = distance_tile(tile, sq_r, sq_c, rows, cols).to(tl.int32, bitcast=True)
+        upper = tl.minimum(upper, tl.min(tl.min(tl.where(valid & (bits > prefix), bits, 0x7F800000), axis=1), axis=0))
+    upper = tl.where(below + at > rank_hi, prefix, upper)
+    v_lo = prefix.to(tl.float32, bitcast=True)
+    v_hi = upper.to(tl.float32, bitcast=True)
     median = scale * (0.5 * v_lo + 0.5 * v_hi)
     ok = (median > 0.0) & (median < float("inf")) & (n > 0)
-    tl.store(out_ptr + b * W + w, tl.where(ok, median, float("nan")))
+    tl.store(out_ptr + (b * W + w) * 2 + side, tl.where(ok, median, float("nan")))
 
 
 def bandwidths(
@@ -185,41 +282,46 @@ def bandwidths(
         return torch.ones(shape, device=gx.device, dtype=torch.float32)
     if sigma is not None:
         return torch.full(shape, sigma * sigma, device=gx.device, dtype=torch.float32)
-    out = torch.empty(2, batch, widths, device=gx.device, dtype=torch.float32)
+    out = torch.empty(shape, device=gx.device, dtype=torch.float32)
     if batch > 0:
         bm, kp = row_block(size)
-        for side, gram in enumerate((gx, gy)):
-            _median_kernel[(batch, widths)](
-                gram, n.contiguous(), out[side], widths, *gram.stride(), rbf_threshold**2,
-                KP=kp, BM=bm, num_warps=NUM_WARPS,
-            )
-    return out.permute(1, 2, 0).contiguous()
+        _median_kernel[(batch * widths * 2,)](
+            gx, gy, n.contiguous(), out, widths, *gx.stride(), *gy.stride(), rbf_threshold**2,
+            KP=kp, BM=bm, num_warps=NUM_WARPS,
+        )
+    return out
 
 
 def hsic_stats(
-    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor, *,
-    kernel: str, unbiased: bool,
+    gx: torch.Tensor, gy: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor, n: torch.Tensor,
+    bw: torch.Tensor, *, kernel: str, unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of every entry from the ``(B, W, k, k)`` Gram views ``gx`` and ``gy``
-    (any strides, e.g. a width stride of 0 for the shared full-width Gram).
+    and the ``(B, W, k)`` squared norms of their unshifted rows (any strides, e.g. a
+    width stride of 0 for the shared full width).
 
     Returns ``stats (B, W, N_STATS)`` fp32 (columns ``A`` ... ``TOTAL_Y``) and the
-    kernel-matrix row sums ``(B, W, 2, k)`` fp32 that the backward pass reuses.
+    kernel-matrix row sums ``(B, W, 2, k)`` fp32 that the backward pass reuses, written
+    over each entry's ``n`` rows only.
     """
     batch, widths, size, _ = gx.shape
-    stats = torch.empty(batch, widths, N_STATS, device=gx.device, dtype=torch.float32)
-    rowsums = torch.zeros(batch, widths, 2, size, device=gx.device, dtype=torch.float32)
-    if batch == 0:
-        return stats, rowsums
     bm, kp = row_block(size)
-    # A NaN bandwidth marks an unusable median; any positive value keeps the kernel finite.
-    bw_safe = torch.nan_to_num(bw, nan=1.0)
-    _stats_kernel[(batch, widths)](
-        gx, gy, n.contiguous(), bw_safe, stats, rowsums,
-        widths, *gx.stride(), *gy.stride(), *rowsums.stride()[:3],
-        RBF=kernel == "rbf", UNBIASED=unbiased, KP=kp, BM=bm, num_warps=NUM_WARPS,
-    )
-    return stats, rowsums
+    blocks = triton.cdiv(size, bm)
+    f32 = dict(device=gx.device, dtype=torch.float32)
+    part = torch.empty(batch, widths, blocks, N_STATS, **f32)
+    rowsums = torch.empty(batch, widths, 2, size, **f32)
+    if batch > 0:
+        n = n.contiguous()
+        grams = (*gx.stride(), *gy.stride())
+        outputs = (*part.stride()[:3], *rowsums.stride()[:3])
+        meta = dict(RBF=kernel == "rbf", UNBIASED=unbiased, KP=kp, BM=bm, num_warps=NUM_WARPS)
+        grid = (batch * widths * blocks,)
+        _rowsum_kernel[grid](
+            gx, gy, sq_x, sq_y, n, bw, part, rowsums, widths, blocks,
+            *grams, *sq_x.stride()[:2], *sq_y.stride()[:2], *outputs, **meta,
+        )
+        _hsic_kernel[grid](gx, gy, n, bw, part, rowsums, widths, blocks, *grams, *outputs, **meta)
+    return part.sum(2), rowsums
 
 
 def cka_from_grams(
@@ -227,17 +329,15 @@ def cka_from_grams(
     *, kernel: str, unbiased: bool, sigma: Optional[float], rbf_threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CKA of every entry from its ``(B, W, k, k)`` Gram views, ``n (B, W)`` token counts
-    and the running squared row norms ``sq_*`` of the unshifted rows.
+    and the ``(B, W, k)`` running squared row norms ``sq_*`` of the unshifted rows.
 
     Returns ``(value (B, W), bw, stats, rowsums)``: the values and what the backward
     pass reuses.
     """
     bw = bandwidths(gx, gy, n, kernel=kernel, sigma=sigma, rbf_threshold=rbf_threshold)
-    stats, rowsums = hsic_stats(gx, gy, n, bw, kernel=kernel, unbiased=unbiased)
-    rows = (torch.arange(gx.shape[-1], device=n.device) < n[..., None]).to(torch.float32)
+    stats, rowsums = hsic_stats(gx, gy, sq_x, sq_y, n, bw, kernel=kernel, unbiased=unbiased)
     defined = defined_entries(
-        n.to(torch.float32), stats[..., SPREAD_X], stats[..., SPREAD_Y],
-        (sq_x * rows).sum(-1), (sq_y * rows).sum(-1), stats[..., B], stats[..., C],
-        torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
+        n.to(torch.float32), stats[..., SPREAD_X], stats[..., SPREAD_Y], stats[..., SIZE_X], stats[..., SIZE_Y],
+        stats[..., B], stats[..., C], torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
     )
     return cka_value(stats[..., A], stats[..., B], stats[..., C], defined), bw, stats, rowsums

@@ -5,13 +5,91 @@ pointer ``t_ptr`` and its strides as ``stride_<t><dim>``, e.g. ``stride_xb``,
 ``stride_xt``, ``stride_xd`` for ``x (B, T, D)`` and ``stride_gi``, ``stride_gj`` for
 the rows and columns of a Gram. Row ``r`` of example ``b`` is the token
 ``x[b, order[b, r]]``: the kernels read the selected tokens through the ranking and
-never gather them into a copy.
+never gather them into a copy. Grids are one-dimensional with the example as the
+slowest axis, so the programs of one example run together and share its rows in L2.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def triangle_tile(t):
+    """Tile ``(ti, tj)``, ``ti <= tj``, of index ``t`` in the upper triangle enumerated
+    column by column: ``t = tj (tj + 1) / 2 + ti``."""
+    tj = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    # The square root is exact enough for any realistic tile count; make it exact.
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= t, tj + 1, tj)
+    tj = tl.where(tj * (tj + 1) // 2 > t, tj - 1, tj)
+    return t - tj * (tj + 1) // 2, tj
+
+
+@triton.jit
+def _round_bits(z, DROP: tl.constexpr):
+    """``z`` (fp32) rounded to ``24 - DROP`` significant bits, ties away from zero, on
+    its bit pattern: exactly the same values under the interpreter and on a GPU. NaN
+    stays NaN (the integer carry would turn some NaN patterns into zeros)."""
+    bits = z.to(tl.int32, bitcast=True)
+    rounded = ((bits + (1 << (DROP - 1))) & -(1 << DROP)).to(tl.float32, bitcast=True)
+    return tl.where(z == z, rounded, z)
+
+
+@triton.jit
+def split(z, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """``(hi, lo)`` with ``z ~ hi + lo`` in the operand type of the dot scheme ``DOT``
+    (see :mod:`.launch`): ``hi`` is ``z`` rounded to that type and ``lo`` the rounded
+    remainder ``z - hi`` (computed exactly in fp32). For ``"ieee"`` both are ``z``.
+
+    Under the interpreter the halves stay fp32 (their values are exact there): its dot
+    of bf16 tiles multiplies the bit patterns as integers.
+    """
+    if DOT == "ieee":
+        hi = z
+        lo = z
+    elif DOT == "fp16x3":
+        hi = z.to(tl.float16).to(tl.float32)
+        lo = (z - hi).to(tl.float16).to(tl.float32)
+    elif DOT == "tf32x3":
+        hi = _round_bits(z, 13)
+        lo = _round_bits(z - hi, 13)
+    else:
+        hi = _round_bits(z, 16)
+        lo = _round_bits(z - hi, 16)
+    if not INTERPRET:
+        if DOT == "fp16x3":
+            hi = hi.to(tl.float16)
+            lo = lo.to(tl.float16)
+        elif DOT == "bf16x3" or DOT == "bf16x4":
+            hi = hi.to(tl.bfloat16)
+            lo = lo.to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _mma(a, b, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT == "tf32x3":
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def dot_split(a_hi, a_lo, b_hi, b_lo, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc + a @ b`` from the halves of :func:`split`: ``hi.hi + hi.lo + lo.hi`` (and
+    ``lo.lo`` for ``"bf16x4"``), each product exact in fp32 and accumulated in fp32 on
+    tensor cores; the small terms go first. ``"ieee"``: one fp32 FMA dot of ``a_hi``
+    and ``b_hi``."""
+    if DOT == "ieee":
+        return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+    if DOT == "bf16x4":
+        acc = _mma(a_lo, b_lo, acc, DOT, INTERPRET)
+    acc = _mma(a_lo, b_hi, acc, DOT, INTERPRET)
+    acc = _mma(a_hi, b_lo, acc, DOT, INTERPRET)
+    return _mma(a_hi, b_hi, acc, DOT, INTERPRET)
 
 
 @triton.jit
