@@ -429,9 +429,9 @@ def test_both_precisions_are_as_accurate_as_float32(precision, dtype):
         return mk.nested_cka(x, dims, k=[0.3, 12, 0.8, 1.0], k_min=4, scores="cls", mask=mask.to(x.device),
                              detach_full=False, backend=backend, precision=precision)
 
-    value, (grad,) = _run(lambda a: fn(a, "triton"), [x.to(DEVICE)], 182)
-    runs32 = float32_runs(lambda a: _run(lambda b: fn(b, "torch"), a, 182), [x], seed=SESSION_SEED)
-    ref64, (grad64,) = _run(lambda a: fn(a, "torch"), [x.double()], 182)
+    value, (grad,) = value_and_grads(lambda a: fn(a, "triton"), [x.to(DEVICE)], 182)
+    runs32 = float32_runs(lambda a: value_and_grads(lambda b: fn(b, "torch"), a, 182), [x], seed=SESSION_SEED)
+    ref64, (grad64,) = value_and_grads(lambda a: fn(a, "torch"), [x.double()], 182)
     assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR / 10,
                                 what="value", relative=False)
     rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
@@ -545,13 +545,13 @@ def test_interpreter_runs_one_config_and_every_gpu_config_is_correct(monkeypatch
         return mk.nested_cka(x, dims, k=[0.2, 0.5, 0.9], mask=mask.to(x.device), detach_full=False,
                              backend=backend, precision=precision)
 
-    runs32 = float32_runs(lambda a: _run(lambda b: fn(b, "torch"), a, 202), [x], seed=SESSION_SEED)
-    ref64, (grad64,) = _run(lambda a: fn(a, "torch"), [x.double()], 202)
+    runs32 = float32_runs(lambda a: value_and_grads(lambda b: fn(b, "torch"), a, 202), [x], seed=SESSION_SEED)
+    ref64, (grad64,) = value_and_grads(lambda a: fn(a, "torch"), [x.double()], 202)
     for kernel, config, precision in tuned:
         assert kernel.config.kwargs["BLOCK_D"] == 64 == config.kwargs["BLOCK_D"]
         with monkeypatch.context() as patch:
             patch.setattr(kernel, "config", config)
-            value, (grad,) = _run(lambda a: fn(a, "triton", precision), [x], 202)
+            value, (grad,) = value_and_grads(lambda a: fn(a, "triton", precision), [x], 202)
         assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
                                     what=f"value {config}", relative=False)
         assert_within_float32_error(grad, [g for _, (g,) in runs32], grad64, factor=4, floor=GRAD_FLOOR,
