@@ -41,7 +41,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.device", "train.log_every", "train.progress", "train.save_every", "train.keep_checkpoints",
     "train.threads",
 })
-_BAR_KEYS = ("loss", "mrl", "sia_attention", "sia_cka", "pic", "ese", "mic_scr", "mic_sir")
+_BAR_KEYS = ("loss", "mrl", "sia_attention", "sia_cka", "pic", "ese", "mic_scr", "mic_sir", "mta_dsa", "mta_hra")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,8 +171,9 @@ def _train(cfg: Config, output: Path, device: torch.device, resume: bool, busy_c
         )
     if resume and latest_checkpoint(output) is None:
         raise ValueError(f"--resume: no checkpoint under {output / CHECKPOINTS}")
-    encoder = Encoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.max_length, what="model.name")
-    objective = Objective(cfg.objective, cfg.model.dims, encoder.hidden_size, encoder.num_layers)
+    encoder = Encoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.max_length, what="model.name",
+                                      num_layers=cfg.model.num_layers)
+    objective = Objective(cfg.objective, cfg.model.dims, encoder.hidden_size, encoder.num_layers, teacher=cfg.teacher)
     encoder.to(device).train()
     objective.to(device).train()
 
@@ -306,7 +307,8 @@ def startup_summary(
     config = encoder.model.config
     n_params = sum(p.numel() for p in encoder.model.parameters())
     lines = [f"mipic train -> {output.resolve()}" + (f" (resuming at step {start})" if start else "")]
-    lines.append(f"  model      {m.name} ({config.model_type}, {encoder.num_layers} layers, width "
+    layers = f"its first {m.num_layers} layers" if m.num_layers else f"{encoder.num_layers} layers"
+    lines.append(f"  model      {m.name} ({config.model_type}, {layers}, width "
                  f"{encoder.hidden_size}, {n_params:,} parameters); pooling {encoder.pooling}, "
                  f"texts cut at {encoder.max_length} tokens")
     lines.append(f"  widths     {', '.join(map(str, m.dims))}")
@@ -355,6 +357,13 @@ def _describe_objective(cfg: Config, objective: Objective, encoder: Encoder, dev
         details.append(f"ESE at layers {', '.join(map(str, o.ese.layers))}")
     if "mic" in objective.terms:
         details.append(f"MIC at layers {', '.join(map(str, o.mic.layers or [encoder.num_layers]))}")
+    if "mta" in objective.terms:
+        mta = objective.terms["mta"]
+        teacher = mta.teacher
+        pairs = ", ".join(f"{s}->{t} ({mta.granularity(s)}s)" for s, t in mta.pairs)
+        details.append(f"teacher {cfg.teacher.name} ({teacher.num_layers} layers, width {teacher.hidden_size}, "
+                       f"frozen), student->teacher layers {pairs}, {mta.span_weights} span weights, "
+                       f"HRA at {', '.join(k[len('layer'):] for k in mta.projections) or 'no layers'}")
     details.append(f"InfoNCE at temperature {o.temperature:g}")
     return "; ".join(details)
 

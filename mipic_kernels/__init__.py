@@ -7,11 +7,11 @@ from .api import cka, nested_cka
 from .losses import NestedCKALoss
 from .mic import soft_collapse, spectral_isotropy
 from .mic_losses import SoftCollapseLoss, SpectralIsotropyLoss
-from .relation import SpanRelationLoss, span_relation_distance
+from .relation import SpanRelationLoss, pool_spans, span_relation_distance
 
 __all__ = [
     "cka", "nested_cka", "NestedCKALoss",
     "soft_collapse", "spectral_isotropy", "SoftCollapseLoss", "SpectralIsotropyLoss",
-    "span_relation_distance", "SpanRelationLoss",
+    "span_relation_distance", "pool_spans", "SpanRelationLoss",
 ]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import relation_reference
 from .api import _check_backend, _check_features, _check_finite, _check_positive_int, _check_same_device
+from .selection import accumulation_dtype
 
 DISTANCES = ("mse", "smooth_l1")
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -109,6 +110,34 @@ def span_relation_distance(
     return impl.span_relation_distance(
         x, y, spans_x, spans_y, weights_x, weights_y, counts, edge, distance=distance, beta=beta
     )
+
+
+def pool_spans(
+    x: torch.Tensor,
+    spans: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    *,
+    max_spans: Optional[int] = None,
+) -> torch.Tensor:
+    """The weighted mean of the tokens of each span, batched (eager torch, differentiable
+    in ``x``; the weights are constants).
+
+    Args:
+        x: ``(*, T, D)`` token states.
+        spans: ``(*, T)`` int32 or int64 span id of each token, ``-1`` for none; those
+            tokens are never read.
+        weights: optional ``(*, T)`` non-negative weights (default 1: the plain mean).
+        max_spans: the number of span rows returned (default ``T``); ids past it are ignored.
+
+    Returns:
+        ``(*, max_spans, D)``, float64 for float64 ``x`` and float32 otherwise; zero rows
+        for spans without tokens or weight.
+    """
+    _check_features("x", x, min_dim=2)
+    spans = _check_spans("spans", spans, x)
+    weights = _check_weights("weights", weights, x, same_device_as=x)
+    edge = x.shape[-2] if max_spans is None else _check_positive_int("max_spans", max_spans)
+    return relation_reference.pool_spans(x, spans, weights, edge, accumulation_dtype(x.dtype))
 
 
 def span_counts(spans_x: torch.Tensor, spans_y: torch.Tensor, max_spans: int) -> torch.Tensor:

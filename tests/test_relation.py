@@ -218,3 +218,24 @@ def test_no_value_checks_under_compile_or_on_padding():
     x, y, sx, sy = _spans()
     x[0, 0] = math.nan
     assert torch.isfinite(mk.span_relation_distance(x, y, sx, sy, backend="torch")).all()
+
+
+def test_pool_spans_is_the_weighted_mean():
+    inputs = relation_inputs((2,), counts=(3, 5), seed=12)
+    x = inputs.x.clone().requires_grad_()
+    pooled = mk.pool_spans(x, inputs.spans_x, inputs.weights_x, max_spans=6)
+    assert pooled.shape == (2, 6, 37) and pooled.dtype == torch.float64
+    for b, n in enumerate((3, 5)):
+        for s in range(6):
+            member = inputs.spans_x[b] == s
+            if s >= n:
+                assert not member.any() and (pooled[b, s] == 0).all()
+                continue
+            w = inputs.weights_x[b, member]
+            want = (w[:, None] * inputs.x[b, member]).sum(0) / w.sum()
+            torch.testing.assert_close(pooled[b, s], want)
+    pooled.sum().backward()
+    assert (x.grad[inputs.spans_x < 0] == 0).all()
+    assert mk.pool_spans(inputs.x.float(), inputs.spans_x).dtype == torch.float32
+    with pytest.raises(ValueError, match="spans must have shape"):
+        mk.pool_spans(inputs.x, inputs.spans_y)

@@ -4,19 +4,24 @@ and how a weighted combination of their parts is evaluated (:func:`weighted_sum`
 Every term is an ``nn.Module`` whose ``forward(batch: EncodedBatch) -> TermOutput``: the
 trainer's :class:`~mipic.objectives.Objective`, the sentence-transformers loss and the
 transformers ``Trainer`` integration all build an :class:`EncodedBatch` from their own
-model outputs and run the same term modules on it.
+model outputs and run the same term modules on it. A term that reads more than hidden
+states (texts, token offsets, attention weights) names it in its ``needs`` attribute
+(:data:`NEEDS`); the trainer's objective then asks its encoder for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from ..encoder import pool, query_positions
 
 POOLINGS = ("cls", "mean", "last")
+# What a term may list in its ``needs``: ``"tokens"`` (the texts, word ids and character
+# offsets) and ``"attentions"``.
+NEEDS = ("tokens", "attentions")
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,23 @@ class EncodedBatch:
         pooling: ``"cls"``, ``"mean"`` or ``"last"``: how a sentence embedding is read
             from token states, and which token attends (``last``: the last real one,
             otherwise position 0).
+        texts, words, offsets, attentions: what only some terms read (see
+            :class:`mipic.encoder.Encoded`), present when a term asks for it through its
+            ``needs`` (e.g. MTA encodes the texts with its teacher and aligns the two
+            tokenizations by character offsets): the ``views * B`` texts as the
+            tokenizer saw them, word ids ``(views * B, T)``, character offsets
+            ``(views * B, T, 2)`` and one ``(views * B, heads, T, T)`` attention tensor
+            per layer (``attentions[l - 1]`` is layer ``l``).
     """
 
     hidden: Sequence[torch.Tensor]
     mask: torch.Tensor
     views: int = 1
     pooling: str = "cls"
+    texts: Optional[Sequence[str]] = None
+    words: Optional[torch.Tensor] = None
+    offsets: Optional[torch.Tensor] = None
+    attentions: Optional[Sequence[torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
