@@ -302,3 +302,12 @@ def test_config_errors():
     ]:
         with pytest.raises(ValueError, match=message):
             config_from_dict(base | changes)
+
+
+@pytest.mark.parametrize("method", ["mta-query", "mta-attention"])
+def test_step_time_benchmark_runs_an_mta_step(tiny_pair, method):
+    from benchmarks import step_overhead
+
+    student_dir, teacher_dir = tiny_pair
+    step = step_overhead.make_step(student_dir, method, 16, "torch", "cpu", num_layers=2, teacher=teacher_dir)
+    assert step([(s,) for s in SENTENCES[:4]]) > 0
