@@ -69,3 +69,37 @@ def assert_within_float32_error(
         f"{what}: error {err.flatten()[worst]:.3g} > {bound.flatten()[worst]:.3g} at flat index {int(worst)} "
         f"(float32 reference error there {err32.flatten()[worst]:.3g})"
     )
+
+
+Run = Callable[[Callable[..., torch.Tensor], Sequence[torch.Tensor], int], tuple[torch.Tensor, Sequence[torch.Tensor]]]
+
+
+def compare_backends(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    run: Run,
+    *,
+    device: str,
+    seed: int,
+    copies_seed: int,
+    value_floor: float,
+    grad_floor: float,
+    value_relative: bool,
+) -> torch.Tensor:
+    """``fn(*inputs, backend="triton")`` (float32 on ``device``) against the float32 and
+    float64 references (``backend="torch"``): values and input gradients, each within 4x
+    the float32 reference's error plus its floor. ``run(fn, inputs, seed)`` returns the
+    value and input gradients for an upstream gradient drawn from ``seed``. Returns the
+    kernel's value."""
+    dev = [(x.float() if x.dtype == torch.float64 else x).to(device) for x in inputs]
+    value, grads = run(lambda *a: fn(*a, backend="triton"), dev, seed)
+    runs32 = float32_runs(lambda a: run(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=copies_seed)
+    ref64, grads64 = run(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
+    assert value.dtype == torch.float32
+    assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=value_floor,
+                                what="value", relative=value_relative)
+    for i, (g, g64) in enumerate(zip(grads, grads64)):
+        assert torch.isfinite(g).all(), "gradient holds NaN or inf"
+        assert_within_float32_error(g, [gs[i] for _, gs in runs32], g64, factor=4, floor=grad_floor,
+                                    what=f"gradient {i}", relative=True)
+    return value

@@ -28,7 +28,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 import mipic_kernels as mk  # noqa: E402
 from mipic_kernels.fused import relation_op  # noqa: E402
-from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
+from tests.accuracy import assert_within_float32_error, compare_backends, float32_runs  # noqa: E402
 from tests.host_sync import HostSyncRecorder  # noqa: E402
 from tests.relation_inputs import RelationInputs, relation_inputs  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
@@ -60,18 +60,8 @@ def _run(fn, xs, upstream_seed: int):
 
 
 def _compare(fn, inputs: list[torch.Tensor], *, seed: int) -> torch.Tensor:
-    dev = [x.to(DEVICE).float() if x.dtype == torch.float64 else x.to(DEVICE) for x in inputs]
-    value, grads = _run(lambda *a: fn(*a, backend="triton"), dev, seed)
-    runs32 = float32_runs(lambda a: _run(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=SESSION_SEED)
-    ref64, grads64 = _run(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
-    assert value.dtype == torch.float32
-    assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
-                                what="value", relative=True)
-    for i, (g, g64) in enumerate(zip(grads, grads64)):
-        assert torch.isfinite(g).all(), "gradient holds NaN or inf"
-        assert_within_float32_error(g, [gs[i] for _, gs in runs32], g64, factor=4, floor=GRAD_FLOOR,
-                                    what=f"gradient {i}", relative=True)
-    return value
+    return compare_backends(fn, inputs, _run, device=DEVICE, seed=seed, copies_seed=SESSION_SEED,
+                            value_floor=VALUE_FLOOR, grad_floor=GRAD_FLOOR, value_relative=True)
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=str)

@@ -40,7 +40,7 @@ pytest.importorskip("triton")
 import mipic_kernels as mk  # noqa: E402
 from mipic_kernels import fused, selection  # noqa: E402
 from mipic_kernels.fused import nested_cka_op  # noqa: E402
-from tests.accuracy import assert_within_float32_error, float32_runs  # noqa: E402
+from tests.accuracy import assert_within_float32_error, compare_backends, float32_runs  # noqa: E402
 from tests.host_sync import HostSyncRecorder  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
 
@@ -82,18 +82,8 @@ def _run(fn, x_list, upstream_seed: int):
 
 def _compare(fn, inputs, *, seed: int):
     """Triton (float32) vs the float32 and float64 references: values and gradients."""
-    dev = [x.to(DEVICE) for x in inputs]
-    value, grads = _run(lambda *a: fn(*a, backend="triton"), dev, seed)
-    runs32 = float32_runs(lambda a: _run(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=SESSION_SEED)
-    ref64, grads64 = _run(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
-    assert value.dtype == torch.float32
-    assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
-                                what="value", relative=False)
-    for i, (g, g64) in enumerate(zip(grads, grads64)):
-        assert torch.isfinite(g).all(), "gradient holds NaN or inf"
-        assert_within_float32_error(g, [gs[i] for _, gs in runs32], g64, factor=4, floor=GRAD_FLOOR,
-                                    what="gradient", relative=True)
-    return value
+    return compare_backends(fn, inputs, _run, device=DEVICE, seed=seed, copies_seed=SESSION_SEED,
+                            value_floor=VALUE_FLOOR, grad_floor=GRAD_FLOOR, value_relative=False)
 
 
 @pytest.mark.parametrize("detach_full", [True, False], ids=["detached", "full-grad"])
