@@ -157,7 +157,7 @@ class TrainConfig:
     """The optimisation loop."""
 
     lr: float = 2e-5
-    # Learning rate of the objective's own new parameters (SIA lifts, PIC heads);
+    # Learning rate of the objective's own new parameters (SIA lifts, PIC heads, MTA projections);
     # None = train.lr. Freshly initialised, they may need more than a pretrained backbone.
     head_lr: Optional[float] = None
     weight_decay: float = 0.01
