@@ -14,7 +14,7 @@ import datetime
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -27,10 +27,15 @@ SCHEMA = (
     # average before and after, the cores other processes used meanwhile, and the flags
     # of benchmarks.flags (';'-separated). Empty in rows written before they existed.
     "p50_ci_pct", "load_before", "load_after", "others_cores", "flags",
+    # The row's physical limit on its device (benchmarks.roofline): the least work of its
+    # case at the device's peaks, 100 * that / p50, and what binds (memory, matrix or
+    # fma). Empty on devices without peak rates (CPUs) and in rows written before.
+    "roofline_ms", "roofline_pct", "roofline_bound",
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CSV_NAME = "nested_cka.csv"
+COMMIT_VARIABLE = "MIPIC_BENCH_COMMIT"
 
 
 def default_root() -> Path:
@@ -58,28 +63,42 @@ def latest_run() -> Optional[Path]:
     return runs[-1] if runs else None
 
 
-def append_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Append rows (dicts with exactly the SCHEMA keys), writing the header to a new file."""
+def append_rows(path: Path, rows: Iterable[dict], schema: Sequence[str] = SCHEMA) -> None:
+    """Append rows (dicts with exactly the ``schema`` keys), writing the header to a new file.
+
+    A file written before the last columns existed (its header a prefix of ``schema``)
+    is rewritten first with those columns empty.
+    """
+    schema = tuple(schema)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
-            header = next(csv.reader(f), None)
-        if tuple(header or ()) != SCHEMA:
-            raise ValueError(f"{path} has another header than {','.join(SCHEMA)}; pass another --out")
+            header = tuple(next(csv.reader(f), None) or ())
+        if header != schema:
+            old = read_rows(path, schema)  # raises unless the header is an older schema
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=schema)
+                writer.writeheader()
+                writer.writerows(old)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SCHEMA)
+        writer = csv.DictWriter(f, fieldnames=schema)
         if new:
             writer.writeheader()
         writer.writerows(rows)
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, schema: Sequence[str] = SCHEMA) -> list[dict]:
+    """The rows of a results CSV, each with every ``schema`` key (empty where the file
+    predates the column)."""
+    schema = tuple(schema)
     with Path(path).open(newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != SCHEMA:
-            raise ValueError(f"{path} does not have the benchmark header {','.join(SCHEMA)}")
-        return list(reader)
+        header = tuple(reader.fieldnames or ())
+        if not header or schema[:len(header)] != header:
+            raise ValueError(f"{path} does not have the header {','.join(schema)}; pass another file or folder")
+        missing = schema[len(header):]
+        return [{**row, **dict.fromkeys(missing, "")} for row in reader]
 
 
 def device_name(device: "torch.device") -> str:
@@ -114,7 +133,14 @@ def triton_version() -> str:
 
 def commit_id() -> str:
     """Short commit of the source checkout, ``-dirty`` when the kernels or the
-    benchmarks (results aside) have uncommitted changes; ``unknown`` outside git."""
+    benchmarks (results aside) have uncommitted changes; ``unknown`` outside git.
+
+    ``$MIPIC_BENCH_COMMIT``, when set, is taken as is: a copy of the tree without its git
+    metadata (a remote machine's working copy) names its commit that way.
+    """
+    if os.environ.get(COMMIT_VARIABLE):
+        return os.environ[COMMIT_VARIABLE]
+
     def git(*args: str) -> Optional[str]:
         try:
             done = subprocess.run(

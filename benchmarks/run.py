@@ -25,10 +25,19 @@ from . import catalog
 
 if TYPE_CHECKING:
     from .measure import Budget, Measurement
+    from .roofline import DeviceSpec
     from .workload import Workload
 
+# Subcommands: name -> (module, what it does); each module has main(argv).
+SUBCOMMANDS = {
+    "plot": ("benchmarks.plot", "redraw the figures of a results folder"),
+    "roofline": ("benchmarks.roofline", "the least work of every preset row and the designs' traffic"),
+    "gpu-suite": ("benchmarks.suite", "everything a GPU is measured by, in resumable stages (benchmarks/GPU.md)"),
+    "gpu-report": ("benchmarks.gpu_report", "a GPU suite's results as README tables; file them in the checkout"),
+}
+
 _ROW = ("{preset:<14} {shape:<20} {provider:<14} {mode:<9} {p20:>10} {p50:>10} {p80:>10} {ci:>6} "
-        "{peak:>9} {ratio:>8}  {flags}")
+        "{peak:>9} {ratio:>8} {roof:>6}  {flags}")
 
 
 def _device(text: str) -> str:
@@ -61,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mipic-bench",
         description=__doc__.split("\n\n")[0].replace("``", ""),
-        epilog=catalog.listing() + "\n\n'mipic-bench plot --help' for the figures.",
+        epilog=catalog.listing() + "\n\nsubcommands ('mipic-bench NAME --help'):\n" + "\n".join(
+            f"  {name:<15} {what}" for name, (_, what) in SUBCOMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", nargs="+", choices=list(catalog.PRESETS), metavar="NAME",
@@ -86,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "folder per run under ~/.cache/mipic-bench. '--out benchmarks/results' "
                              "refreshes the committed results")
     parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--batch", nargs="+", type=_positive(int), metavar="N",
+                        help="only the shapes of these batch sizes (of the presets that sweep them)")
+    parser.add_argument("--tokens", nargs="+", type=_positive(int), metavar="T",
+                        help="only the shapes of these sequence lengths")
+    parser.add_argument("--no-figures", action="store_true", help="write the CSV rows but no figures")
     parser.add_argument("--quick", action="store_true",
                         help="the first shape of each preset, a short budget, 1 warm-up call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token states")
@@ -94,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["plot"]:
-        from .plot import main as plot_main
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
 
-        return plot_main(argv[1:])
+        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     return run(args)
 
@@ -108,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mipic import machine
 
-    from . import records
+    from . import records, roofline
     from .measure import Budget
     from .workload import make_workload, torch_dtype
 
@@ -135,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__, "triton": records.triton_version(),
         "dtype": dtype_name, "kernel": args.kernel,
     }
+    spec = roofline.device_spec(env["device"]) if on_gpu else None
     cores = machine.cpu_count()
     # On CUDA one host thread launches the work; on a CPU every intra-op thread is busy.
     threads = 1 if on_gpu else torch.get_num_threads()
@@ -148,56 +164,82 @@ def run(args: argparse.Namespace) -> int:
         print(f"On the CPU ({why}): the Triton rows need a CUDA GPU and are skipped, and the naive "
               "loops run at small shapes only (see benchmarks/NOTES.md for the GPU targets).")
     print("times in ms (p20 / p50 / p80), '+-%' = the p50's 95% interval, peak memory in MiB above "
-          "the inputs, 'x torch' = torch p50 / p50\n")
+          "the inputs, 'x torch' = torch p50 / p50, '%roof' = the case's least work at the device's "
+          "peaks / p50 (benchmarks/roofline.py)")
+    if spec is None:
+        print(f"No roofline: no peak rates for {env['device']} (benchmarks.roofline.DEVICES)")
+    else:
+        print(f"Roofline: {spec.name} peaks, {spec.hbm_tb_s:g} TB/s, "
+              f"{spec.matrix_rate(torch_dtype(dtype_name)) / 1e12:.0f} TFLOP/s matrix ({dtype_name})")
+    print()
     print(_ROW.format(preset="preset", shape="shape", provider="provider", mode="mode", p20="p20",
-                      p50="p50", p80="p80", ci="+-%", peak="peak MiB", ratio="x torch", flags="flags"))
+                      p50="p50", p80="p80", ci="+-%", peak="peak MiB", ratio="x torch", roof="%roof",
+                      flags="flags"))
 
     rows: list[dict] = []
     for preset_name in presets:
         preset = catalog.PRESETS[preset_name]
-        for shape in preset.shapes()[:1] if args.quick else preset.shapes():
+        shapes = [s for s in preset.shapes()
+                  if (not args.batch or s.batch in args.batch) and (not args.tokens or s.tokens in args.tokens)]
+        if not shapes:
+            print(f"{preset_name:<14} no shape with batch {args.batch or 'any'} and tokens {args.tokens or 'any'}; "
+                  f"its shapes: {', '.join(map(str, preset.shapes()))}")
+        for shape in shapes[:1] if args.quick else shapes:
             workload = make_workload(preset, shape, dtype=torch_dtype(dtype_name), device=device, seed=args.seed)
             new = run_workload(workload, providers, modes, kernel=args.kernel, warmup=warmup, budget=budget,
-                               cores=cores, threads=threads)
+                               cores=cores, threads=threads, roofline_device=spec)
             del workload
             rows += new
             if out_dir is not None and new:
                 records.append_rows(out_dir / records.CSV_NAME, [{**env, **row} for row in new])
     _summary(rows, start_load, machine.load_average(), cores)
     if out_dir is not None:
-        _save_figures(out_dir, len(rows))
+        _save_figures(out_dir, len(rows), figures=not args.no_figures)
     return 0
 
 
 def run_workload(
     workload: "Workload", providers: Sequence[str], modes: Sequence[str], *,
     kernel: str, warmup: int, budget: "Budget", cores: int, threads: int,
+    roofline_device: Optional["DeviceSpec"] = None,
 ) -> list[dict]:
     """Measure every provider and mode on one workload, printing each row as it comes.
 
     Returns the CSV rows without the environment columns (commit, device, versions,
     dtype, kernel). ``cores`` and ``threads`` (the cores the run keeps busy) decide the
-    ``busy`` flag.
+    ``busy`` flag; ``roofline_device`` (the peaks of the device) fills the roofline
+    columns.
     """
     import torch
 
-    from . import flags, records
+    from . import flags, records, roofline
     from .measure import Case, measure, mode_case
     from .providers import PROVIDERS
 
     preset, shape = workload.preset.name, str(workload.shape)
     torch_p50: dict[str, float] = {}
     rows = []
+    problem = roofline.workload_problem(workload, kernel) if roofline_device is not None else None
+
+    def limit(provider: str, mode: str) -> Optional[tuple[float, str]]:
+        if roofline_device is None:
+            return None
+        work = (roofline.copy_traffic(workload.x.nbytes) if provider == catalog.COPY
+                else roofline.lower_bound(problem, mode))
+        return roofline.limit_ms(work, roofline_device, workload.x.dtype)
 
     def report(provider: str, mode: str, result: "Measurement") -> dict:
         ratio = torch_p50[mode] / result.p50_ms if mode in torch_p50 else None
+        bound = limit(provider, mode)
+        pct = None if bound is None else 100 * bound[0] / result.p50_ms
         row_flags = flags.row_flags(p20=result.p20_ms, p80=result.p80_ms, stable=result.stable,
                                     others_cores=result.load.others_cores, cores=cores, threads=threads)
         print(_ROW.format(
             preset=preset, shape=shape, provider=provider, mode=mode,
             p20=f"{result.p20_ms:.3f}", p50=f"{result.p50_ms:.3f}", p80=f"{result.p80_ms:.3f}",
             ci=f"{100 * result.ci:.1f}" if result.ci < 10 else ">999", peak=f"{result.peak_mib:.1f}",
-            ratio="" if ratio is None else f"{ratio:.2f}", flags=" ".join(row_flags),
+            ratio="" if ratio is None else f"{ratio:.2f}", roof="" if pct is None else f"{pct:.1f}",
+            flags=" ".join(row_flags),
         ), flush=True)
         row = {
             "date": records.utc_now(), "preset": preset, "shape": shape,
@@ -207,6 +249,9 @@ def run_workload(
             "timer": result.timer, "p50_ci_pct": f"{100 * result.ci:.2f}",
             "load_before": _fmt(result.load.before), "load_after": _fmt(result.load.after),
             "others_cores": _fmt(result.load.others_cores), "flags": ";".join(row_flags),
+            "roofline_ms": "" if bound is None else f"{bound[0]:.6g}",
+            "roofline_pct": "" if pct is None else f"{pct:.4g}",
+            "roofline_bound": "" if bound is None else bound[1],
         }
         rows.append(row)
         return row
@@ -266,7 +311,7 @@ def _summary(rows: list[dict], start_load: Optional[float], end_load: Optional[f
           "(or with fewer threads, OMP_NUM_THREADS=1) before trusting its p50 or ratios.")
 
 
-def _save_figures(out_dir: Path, n_rows: int) -> None:
+def _save_figures(out_dir: Path, n_rows: int, *, figures: bool = True) -> None:
     from . import records
 
     csv_path = out_dir / records.CSV_NAME
@@ -275,6 +320,8 @@ def _save_figures(out_dir: Path, n_rows: int) -> None:
         return
     print(f"\nresults: {out_dir}")
     print(f"  {records.CSV_NAME}: {n_rows} rows appended")
+    if not figures:
+        return
     try:
         import matplotlib  # noqa: F401
     except ImportError:

