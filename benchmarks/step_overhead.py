@@ -236,6 +236,8 @@ def _run(args: argparse.Namespace) -> None:
                 if i >= args.warmup:
                     times[m].append(elapsed)
     base = statistics.median(times["mrl" if "mrl" in times else methods[0]])
+    # The teacher defaults to the model itself, named as the model is.
+    teacher = (Path(args.teacher).name or args.teacher) if args.teacher else (args.label or Path(model).name or model)
     rows = []
     for method in methods:
         median = statistics.median(times[method])
@@ -253,7 +255,7 @@ def _run(args: argparse.Namespace) -> None:
             **{k: "" if v is None else round(v, 2) for k, v in (
                 ("load_before", window.load.before), ("load_after", window.load.after),
                 ("others_cores", window.load.others_cores))},
-            "teacher": (Path(args.teacher or model).name or args.teacher or model) if method.startswith("mta-") else "",
+            "teacher": teacher if method.startswith("mta-") else "",
             "autocast": args.autocast,
             "sia_layers": " ".join(map(str, args.sia_layers or range(1, (args.num_layers or config.num_hidden_layers) + 1))),
         })
