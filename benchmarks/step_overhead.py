@@ -1,4 +1,4 @@
-"""Step-time overhead of MIPIC over plain MRL: same model, batch and optimiser.
+"""Step-time overhead of MIPIC (or MTA) over plain MRL: same model, batch and optimiser.
 
 One step = forward of both views, every loss term, backward, AdamW update, under
 ``--autocast`` when given (bf16 or fp16 mixed precision, as ``train.precision`` does).
@@ -20,6 +20,14 @@ names one (``--csv benchmarks/results/step_overhead.csv`` refreshes the committe
         --data ../shared/data/stsbenchmark/sts-train.csv --threads 1
     python -m benchmarks.step_overhead --random-init bert-base --batch-size 32 --seq-len 128 \
         --autocast bf16 --backend triton --sia-layers 2 4 6 8 9 10 12     # a GPU
+
+``--methods`` picks what alternates: ``mrl``, ``mipic``, and MTA distillation from the
+full model (``--teacher``, default the model itself) with each kind of span weights,
+``mta-query``, ``mta-attention`` (eager attention on both models) and ``mta-uniform``;
+``--num-layers N`` trains the model's first N layers (MTA's student) in every method:
+
+    HF_HUB_OFFLINE=1 python -m benchmarks.step_overhead --methods mrl,mta-query,mta-attention \
+        --num-layers 3 --data ../shared/data/stsbenchmark/sts-train.csv --threads 1
 """
 
 from __future__ import annotations
@@ -44,8 +52,9 @@ from mipic import machine
 FIELDS = ["date", "device", "torch", "transformers", "mipic_kernels", "model", "layers", "hidden", "batch",
           "seq_len", "method", "cka_backend", "threads", "median_s", "p20_s", "p80_s", "overhead_vs_mrl",
           # Added later; empty in older rows.
-          "data", "load_before", "load_after", "others_cores",
+          "data", "load_before", "load_after", "others_cores", "teacher",
           "autocast", "sia_layers"]
+METHODS = ("mrl", "mipic", "mta-query", "mta-attention", "mta-uniform")
 
 # --random-init sizes: BertConfig arguments (its defaults are BERT-base's).
 RANDOM_INIT = {
@@ -58,6 +67,8 @@ AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _objective_config(method: str, num_layers: int, dims: list[int], backend: str,
                       sia_layers: Optional[Sequence[int]] = None) -> dict:
+    if method.startswith("mta-"):
+        return {"method": "mta", "mta": {"span_weights": method[len("mta-"):], "backend": backend}}
     layers = list(sia_layers or range(1, num_layers + 1))
     objective = {"method": method, "sia": {"layers": layers, "backend": backend}}
     if method == "mipic":
@@ -85,20 +96,23 @@ def random_encoder(folder: Path, size: str) -> str:
 
 
 def make_step(model: str, method: str, seq_len: int, backend: str, device: str,
-              autocast: Optional[torch.dtype] = None, sia_layers: Optional[Sequence[int]] = None):
+              autocast: Optional[torch.dtype] = None, sia_layers: Optional[Sequence[int]] = None,
+              num_layers: Optional[int] = None, teacher: Optional[str] = None):
     """A function that runs one full training step of ``method`` on a batch of texts and
-    returns its seconds."""
+    returns its seconds. ``num_layers`` keeps the model's first layers; MTA's teacher is
+    ``teacher`` (default: ``model`` with all its layers)."""
     from mipic.config import config_from_dict
     from mipic.encoder import Encoder
     from mipic.objectives import Objective
 
     torch.manual_seed(0)
-    encoder = Encoder.from_pretrained(model, max_length=seq_len)
+    encoder = Encoder.from_pretrained(model, max_length=seq_len, num_layers=num_layers)
     hidden, layers = encoder.hidden_size, encoder.num_layers
     dims = [d for d in (8, 16, 32, 64, 128, 256, 512, 768, 1024) if d < hidden] + [hidden]
     cfg = config_from_dict({"model": {"name": model, "dims": dims}, "data": {"path": "unused"},
+                            "teacher": {"name": teacher or model, "max_length": seq_len},
                             "objective": _objective_config(method, layers, dims, backend, sia_layers)})
-    objective = Objective(cfg.objective, dims, hidden, layers)
+    objective = Objective(cfg.objective, dims, hidden, layers, teacher=cfg.teacher)
     encoder.to(device).train()
     objective.to(device)
     optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(objective.parameters()), lr=1e-5)
@@ -169,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="a file of training sentences (e.g. STS Benchmark's sts-train.csv); "
                                        "default: synthetic text, every sequence --seq-len tokens")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--methods", default="mrl,mipic",
+                        help=f"comma-separated methods that alternate, of {', '.join(METHODS)} (default: %(default)s)")
+    parser.add_argument("--num-layers", type=int, help="train the model's first N layers (default: all)")
+    parser.add_argument("--teacher", help="MTA's teacher (default: the model with all its layers)")
     parser.add_argument("--csv", default=str(records.default_root() / "step_overhead.csv"),
                         help="CSV to append to (default: %(default)s)")
     return parser
@@ -178,6 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     if args.model and args.random_init:
         raise SystemExit("step_overhead: pass --model or --random-init, not both")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"step_overhead: --methods takes a comma-separated subset of {', '.join(METHODS)}; "
+                         f"got {args.methods!r}")
+    args.methods = methods
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
@@ -199,9 +223,9 @@ def _run(args: argparse.Namespace) -> None:
 
     config = AutoConfig.from_pretrained(model)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
-    methods = ("mrl", "mipic")
+    methods = args.methods
     steps = {m: make_step(model, m, args.seq_len, args.backend, args.device, AUTOCAST[args.autocast],
-                          args.sia_layers) for m in methods}
+                          args.sia_layers, args.num_layers, args.teacher) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     texts = batches(args.batch_size, args.seq_len, args.data)
     with machine.probe() as window:
@@ -211,7 +235,9 @@ def _run(args: argparse.Namespace) -> None:
                 elapsed = steps[m](batch)
                 if i >= args.warmup:
                     times[m].append(elapsed)
-    base = statistics.median(times["mrl"])
+    base = statistics.median(times["mrl" if "mrl" in times else methods[0]])
+    # The teacher defaults to the model itself, named as the model is.
+    teacher = (Path(args.teacher).name or args.teacher) if args.teacher else (args.label or Path(model).name or model)
     rows = []
     for method in methods:
         median = statistics.median(times[method])
@@ -219,7 +245,8 @@ def _run(args: argparse.Namespace) -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
             "mipic_kernels": mipic_kernels.__version__, "model": args.label or Path(model).name or model,
-            "layers": config.num_hidden_layers, "hidden": config.hidden_size, "batch": args.batch_size,
+            "layers": args.num_layers or config.num_hidden_layers, "hidden": config.hidden_size,
+            "batch": args.batch_size,
             "seq_len": args.seq_len, "method": method, "cka_backend": args.backend,
             "threads": torch.get_num_threads(), "median_s": round(median, 4),
             "p20_s": round(_quantile(times[method], 0.2), 4), "p80_s": round(_quantile(times[method], 0.8), 4),
@@ -228,8 +255,9 @@ def _run(args: argparse.Namespace) -> None:
             **{k: "" if v is None else round(v, 2) for k, v in (
                 ("load_before", window.load.before), ("load_after", window.load.after),
                 ("others_cores", window.load.others_cores))},
+            "teacher": teacher if method.startswith("mta-") else "",
             "autocast": args.autocast,
-            "sia_layers": " ".join(map(str, args.sia_layers or range(1, config.num_hidden_layers + 1))),
+            "sia_layers": " ".join(map(str, args.sia_layers or range(1, (args.num_layers or config.num_hidden_layers) + 1))),
         })
         print(rows[-1], flush=True)
     path = Path(args.csv)

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 POOLINGS = ("auto", "cls", "mean", "last")
 FORMATS = ("auto", "text", "csv", "tsv", "jsonl", "stsb", "sick", "snli", "hf")
-METHODS = ("mrl", "mipic", "ese")
+METHODS = ("mrl", "mipic", "ese", "mta")
 AGGREGATIONS = ("sum", "mean")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -31,6 +31,20 @@ class ModelConfig:
     max_length: int = 64
     # Matryoshka widths, ascending; the largest must be the hidden size (checked at build).
     dims: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256, 384])
+    # Keep only the first N layers of the loaded model (a smaller student made from the
+    # bottom of a larger model); null = all.
+    num_layers: Optional[int] = None
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher of ``objective.method: mta``: a hub name or local folder, with its
+    own tokenizer. It is never trained, never saved with the student."""
+
+    name: str = ""
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    # Tokens per text; null = the teacher's own inference length.
+    max_length: Optional[int] = None
 
 
 @dataclass
@@ -95,10 +109,37 @@ class MICConfig:
 
 
 @dataclass
+class MTAConfig:
+    """Multi-Granular Trajectory Alignment with the ``teacher``: structural alignment (DSA) of
+    span relation matrices at mapped layers, hidden alignment (HRA) through projections."""
+
+    # [[student layer, teacher layer], ...]; null = every student layer l, mapped to the
+    # teacher layer round(l * teacher layers / student layers).
+    layers: Optional[list[list[int]]] = None
+    # The first student layer aligned on phrases (lower ones on words); null = the upper
+    # half, floor(student layers / 2) + 1.
+    phrase_from: Optional[int] = None
+    phrase_max_words: int = 4
+    dsa_weight: float = 1.0
+    distance: Literal["mse", "smooth_l1"] = "mse"
+    beta: float = 1.0
+    hra_weight: float = 1.0
+    # Student layers of the mapping aligned by HRA; null = all of them, [] = none.
+    hra_layers: Optional[list[int]] = None
+    hra_loss: Literal["mse", "cosine"] = "mse"
+    # How a span's tokens are weighted: "query" (softmax of each token's scaled dot
+    # product with the pooled sentence state of that layer), "attention" (the attention
+    # the pooling token pays it, averaged over heads; eager attention) or "uniform".
+    span_weights: Literal["query", "attention", "uniform"] = "query"
+    weight_temperature: float = 1.0
+    backend: Literal["auto", "torch", "triton"] = "auto"
+
+
+@dataclass
 class ObjectiveConfig:
     """``alpha * L_MRL + (1 - alpha) * (L_SIA + L_PIC)`` and the baselines."""
 
-    method: Literal["mrl", "mipic", "ese"] = "mipic"
+    method: Literal["mrl", "mipic", "ese", "mta"] = "mipic"
     alpha: float = 0.4
     temperature: float = 0.05
     # One weight per width for L_MRL; None = 1 each.
@@ -108,6 +149,7 @@ class ObjectiveConfig:
     pic: PICConfig = field(default_factory=PICConfig)
     ese: ESEConfig = field(default_factory=ESEConfig)
     mic: MICConfig = field(default_factory=MICConfig)
+    mta: MTAConfig = field(default_factory=MTAConfig)
 
 
 @dataclass
@@ -115,7 +157,7 @@ class TrainConfig:
     """The optimisation loop."""
 
     lr: float = 2e-5
-    # Learning rate of the objective's own new parameters (SIA lifts, PIC heads);
+    # Learning rate of the objective's own new parameters (SIA lifts, PIC heads, MTA projections);
     # None = train.lr. Freshly initialised, they may need more than a pretrained backbone.
     head_lr: Optional[float] = None
     weight_decay: float = 0.01
@@ -154,6 +196,7 @@ class TrainConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -334,6 +377,8 @@ def _check_values(cfg: Config) -> None:
     _require(m.max_length >= 2, f"model.max_length must be an int >= 2; got {m.max_length}")
     _require(len(m.dims) >= 1, "model.dims must list at least one width")
     _check_increasing("model.dims", m.dims)
+    _require(m.num_layers is None or m.num_layers >= 1,
+             f"model.num_layers must be an int >= 1 or null; got {m.num_layers}")
 
     paths = _as_list(d.path)
     _require(all(paths) and len(paths) >= 1, "data.path must be a file path, a list of them, or a dataset name")
@@ -379,6 +424,7 @@ def _check_values(cfg: Config) -> None:
     _require(c.lambda_var >= 0, f"objective.mic.lambda_var must be >= 0; got {c.lambda_var}")
     _require(c.uniformity_t > 0, f"objective.mic.uniformity_t must be > 0; got {c.uniformity_t}")
     _check_increasing("objective.mic.layers", c.layers)
+    _check_mta(o.mta, cfg.teacher, o.method)
 
     _require(t.lr > 0, f"train.lr must be > 0; got {t.lr}")
     _require(t.head_lr is None or t.head_lr > 0, f"train.head_lr must be > 0 or null; got {t.head_lr}")
@@ -397,3 +443,30 @@ def _check_values(cfg: Config) -> None:
     _require(t.threads == "auto" or t.threads >= 1, f"train.threads must be 'auto' or an int >= 1; got {t.threads}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"train.device must be 'auto', 'cpu' or 'cuda[:N]'; got {t.device!r}")
+
+
+def _check_mta(a: MTAConfig, teacher: TeacherConfig, method: str) -> None:
+    if method == "mta":
+        _require(bool(teacher.name), "teacher.name must name the teacher (a hub name or local folder) "
+                                     "for objective.method mta")
+    _require(teacher.max_length is None or teacher.max_length >= 2,
+             f"teacher.max_length must be an int >= 2 or null; got {teacher.max_length}")
+    if a.layers is not None:
+        _require(len(a.layers) >= 1, "objective.mta.layers must list at least one [student, teacher] pair (or be null)")
+        for i, pair in enumerate(a.layers):
+            _require(len(pair) == 2 and all(v >= 1 for v in pair),
+                     f"objective.mta.layers[{i}] must be [student layer, teacher layer] with ints >= 1; got {pair!r}")
+        _check_increasing("objective.mta.layers student layers", [s for s, _ in a.layers])
+        teacher_layers = [t for _, t in a.layers]
+        _require(all(b >= c for c, b in zip(teacher_layers, teacher_layers[1:])),
+                 f"objective.mta.layers must map deeper student layers to teacher layers that are not "
+                 f"shallower (a trajectory); got {a.layers!r}")
+    _require(a.phrase_from is None or a.phrase_from >= 1,
+             f"objective.mta.phrase_from must be an int >= 1 or null; got {a.phrase_from}")
+    _require(a.phrase_max_words >= 1, f"objective.mta.phrase_max_words must be an int >= 1; got {a.phrase_max_words}")
+    _require(a.dsa_weight >= 0, f"objective.mta.dsa_weight must be >= 0; got {a.dsa_weight}")
+    _require(a.hra_weight >= 0, f"objective.mta.hra_weight must be >= 0; got {a.hra_weight}")
+    _require(a.beta > 0, f"objective.mta.beta must be > 0; got {a.beta}")
+    _require(a.weight_temperature > 0, f"objective.mta.weight_temperature must be > 0; got {a.weight_temperature}")
+    if a.hra_layers is not None:
+        _check_increasing("objective.mta.hra_layers", a.hra_layers)

@@ -12,6 +12,7 @@ prompts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,10 +39,19 @@ _FALLBACK_LENGTH = 512
 
 @dataclass
 class Encoded:
-    """Hidden states of every layer ``(L + 1, B, T, D)`` (0 = embeddings) and the mask ``(B, T)``."""
+    """Hidden states of every layer ``(L + 1, B, T, D)`` (0 = embeddings) and the mask ``(B, T)``.
+
+    On request also: ``words (B, T)`` the tokenizer's word id of each token (-1 for
+    special and padding tokens) and ``offsets (B, T, 2)`` each token's character range in
+    its text as given (``tokens=True``); ``attentions``, one ``(B, heads, T, T)`` tensor
+    per layer (``attentions[l - 1]`` is layer ``l``; ``attentions=True``).
+    """
 
     hidden: tuple[torch.Tensor, ...]
     mask: torch.Tensor
+    words: Optional[torch.Tensor] = None
+    offsets: Optional[torch.Tensor] = None
+    attentions: Optional[tuple[torch.Tensor, ...]] = None
 
 
 @dataclass
@@ -180,16 +190,30 @@ class Encoder(nn.Module):
     @classmethod
     def from_pretrained(
         cls, name: str, pooling: str = "auto", max_length: Optional[int] = None, *, what: str = "model",
+        num_layers: Optional[int] = None, attn_implementation: Optional[str] = None,
     ) -> "Encoder":
         """Load a local folder or hub model. ``max_length`` None cuts texts at the model's
         inference length (its sentence-transformers ``max_seq_length``, else the limit of
-        its tokenizer and position embeddings). ``what`` names ``name`` in errors."""
+        its tokenizer and position embeddings). ``what`` names ``name`` in errors.
+
+        ``num_layers`` keeps only the model's first layers (a smaller model made from the
+        bottom of a larger one: the embeddings and layers ``1 .. num_layers`` load their
+        pretrained weights, the others are not built). ``attn_implementation`` is passed to
+        transformers (``"eager"`` returns attention weights; the default SDPA does not)."""
         from transformers import AutoModel, AutoTokenizer
 
         config = load_model_config(name, what)
+        if num_layers is not None:
+            have = int(config.num_hidden_layers)
+            if not 1 <= num_layers <= have:
+                raise ValueError(f"{what}: num_layers must be in [1, {have}] (the model has {have} layers); "
+                                 f"got {num_layers}")
+            config.num_hidden_layers = num_layers
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModel.from_pretrained(name, config=config)
+            with _quiet_loading(num_layers is not None):  # the weights of the layers left out are unused
+                model = AutoModel.from_pretrained(name, config=config, **extra)
         except OSError as err:
             raise ValueError(_not_loadable(name, what, err)) from err
         if tokenizer.pad_token is None:
@@ -213,17 +237,43 @@ class Encoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _seen(self, texts: Sequence[str]) -> list[str]:
+        """The texts as the tokenizer sees them (lower-cased where the pipeline says so)."""
+        return [t.lower() for t in texts] if self.pipeline.do_lower_case else list(texts)
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        texts = [t.lower() for t in texts] if self.pipeline.do_lower_case else list(texts)
         batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            self._seen(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def forward(self, texts: Sequence[str]) -> Encoded:
-        batch = self.tokenize(texts)
-        out = self.model(**batch, output_hidden_states=True, return_dict=True)
-        return Encoded(tuple(out.hidden_states), batch["attention_mask"].bool())
+    def forward(self, texts: Sequence[str], *, tokens: bool = False, attentions: bool = False) -> Encoded:
+        """Every layer's hidden states of ``texts``; ``tokens`` adds the word ids and
+        character offsets (into ``texts``) of the tokens (a fast tokenizer is needed),
+        ``attentions`` the attention weights of every layer (the model switches to eager
+        attention, the only implementation that returns them)."""
+        words = offsets = None
+        if not tokens:
+            batch = self.tokenize(texts)
+        else:
+            if not getattr(self.tokenizer, "is_fast", False):
+                raise ValueError(f"token offsets need a fast tokenizer; {type(self.tokenizer).__name__} is not one")
+            seen = self._seen(texts)
+            encoding = self.tokenizer(seen, padding=True, truncation=True, max_length=self.max_length,
+                                      return_tensors="pt", return_offsets_mapping=True)
+            offsets = torch.tensor([_offsets_in(text, seen_text, rows) for text, seen_text, rows
+                                    in zip(texts, seen, encoding.pop("offset_mapping").tolist())],
+                                   dtype=torch.long).reshape(-1, encoding["input_ids"].shape[1], 2).to(self.device)
+            words = torch.tensor([[-1 if w is None else w for w in encoding.word_ids(i)] for i in range(len(seen))],
+                                 dtype=torch.long).reshape(offsets.shape[:2]).to(self.device)
+            batch = {k: v.to(self.device) for k, v in encoding.items()}
+        if attentions and self.model.config._attn_implementation != "eager":
+            if not hasattr(self.model, "set_attn_implementation"):  # older transformers cannot switch a loaded model
+                raise ValueError("attention weights need the model loaded with attn_implementation='eager'")
+            self.model.set_attn_implementation("eager")
+        out = self.model(**batch, output_hidden_states=True, output_attentions=attentions, return_dict=True)
+        return Encoded(tuple(out.hidden_states), batch["attention_mask"].bool(), words, offsets,
+                       tuple(out.attentions) if attentions else None)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return pool(hidden, mask, self.pooling)
@@ -297,6 +347,31 @@ class Encoder(nn.Module):
         (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
         st_config = {"similarity_fn_name": "cosine", **self.pipeline.config, "matryoshka_dims": list(dims)}
         (folder / _ST_CONFIG).write_text(json.dumps(st_config, indent=2))
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool):
+    """transformers' report of unused weights silenced while ``quiet``."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _offsets_in(text: str, seen: str, offsets: list[list[int]]) -> list[list[int]]:
+    """Character ranges in ``seen`` (``text`` lower-cased) as ranges in ``text``: the same
+    unless lower-casing changed the length (a few Unicode letters, e.g. 'İ')."""
+    if len(seen) == len(text):
+        return offsets
+    position = [i for i, c in enumerate(text) for _ in c.lower()] + [len(text)]
+    return [[position[s], position[e - 1] + 1] if e > s else [0, 0] for s, e in offsets]
 
 
 def _progress_bar(total: int, desc: str):

@@ -49,7 +49,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.device", "train.log_every", "train.progress", "train.save_every", "train.keep_checkpoints",
     "train.threads", "train.parallel", "train.backend", "train.activation_checkpointing",
 })
-_BAR_KEYS = ("loss", "mrl", "sia_attention", "sia_cka", "pic", "ese", "mic_scr", "mic_sir")
+_BAR_KEYS = ("loss", "mrl", "sia_attention", "sia_cka", "pic", "ese", "mic_scr", "mic_sir", "mta_dsa", "mta_hra")
 
 
 def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
@@ -212,8 +212,10 @@ def build_modules(
     parameters' dtype (default: as loaded; float64 compares runs beyond float32 noise)."""
     t = cfg.train
     with ranks.main_first():  # a hub model is downloaded once
-        encoder = Encoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.max_length, what="model.name")
-    objective = Objective(cfg.objective, cfg.model.dims, encoder.hidden_size, encoder.num_layers)
+        encoder = Encoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.max_length, what="model.name",
+                                          num_layers=cfg.model.num_layers)
+        objective = Objective(cfg.objective, cfg.model.dims, encoder.hidden_size, encoder.num_layers,
+                              teacher=cfg.teacher)
     encoder.to(device, dtype).train()
     objective.to(device, dtype).train()
     if t.activation_checkpointing:
@@ -411,7 +413,8 @@ def startup_summary(
         lines[0] += (f"; the checkpoint was written by {resumed_from} process{'es' if resumed_from > 1 else ''} and "
                      f"this run has {ranks.world_size}: the data order and optimiser state continue, dropout masks "
                      "are drawn anew")
-    lines.append(f"  model      {m.name} ({config.model_type}, {encoder.num_layers} layers, width "
+    layers = f"its first {m.num_layers} layers" if m.num_layers else f"{encoder.num_layers} layers"
+    lines.append(f"  model      {m.name} ({config.model_type}, {layers}, width "
                  f"{encoder.hidden_size}, {n_params:,} parameters); pooling {encoder.pooling}, "
                  f"texts cut at {encoder.max_length} tokens")
     lines.append(f"  widths     {', '.join(map(str, m.dims))}")
@@ -481,6 +484,13 @@ def _describe_objective(cfg: Config, objective: Objective, encoder: Encoder, dev
         details.append(f"ESE at layers {', '.join(map(str, o.ese.layers))}")
     if "mic" in objective.terms:
         details.append(f"MIC at layers {', '.join(map(str, o.mic.layers or [encoder.num_layers]))}")
+    if "mta" in objective.terms:
+        mta = objective.terms["mta"]
+        teacher = mta.teacher
+        pairs = ", ".join(f"{s}->{t} ({mta.granularity(s)}s)" for s, t in mta.pairs)
+        details.append(f"teacher {cfg.teacher.name} ({teacher.num_layers} layers, width {teacher.hidden_size}, "
+                       f"frozen), student->teacher layers {pairs}, {mta.span_weights} span weights, "
+                       f"HRA at {', '.join(k[len('layer'):] for k in mta.projections) or 'no layers'}")
     details.append(f"InfoNCE at temperature {o.temperature:g}")
     return "; ".join(details)
 

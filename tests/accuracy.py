@@ -82,3 +82,37 @@ def value_and_grads(
     value = fn(*leaves)
     upstream = torch.rand(value.shape, generator=generator(upstream_seed)).to(value) * 2 - 0.5
     return value.detach(), torch.autograd.grad(value, leaves, upstream)
+
+
+Run = Callable[[Callable[..., torch.Tensor], Sequence[torch.Tensor], int], tuple[torch.Tensor, Sequence[torch.Tensor]]]
+
+
+def compare_backends(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    run: Run,
+    *,
+    device: str,
+    seed: int,
+    copies_seed: int,
+    value_floor: float,
+    grad_floor: float,
+    value_relative: bool,
+) -> torch.Tensor:
+    """``fn(*inputs, backend="triton")`` (float32 on ``device``) against the float32 and
+    float64 references (``backend="torch"``): values and input gradients, each within 4x
+    the float32 reference's error plus its floor. ``run(fn, inputs, seed)`` returns the
+    value and input gradients for an upstream gradient drawn from ``seed``. Returns the
+    kernel's value."""
+    dev = [(x.float() if x.dtype == torch.float64 else x).to(device) for x in inputs]
+    value, grads = run(lambda *a: fn(*a, backend="triton"), dev, seed)
+    runs32 = float32_runs(lambda a: run(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=copies_seed)
+    ref64, grads64 = run(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
+    assert value.dtype == torch.float32
+    assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=value_floor,
+                                what="value", relative=value_relative)
+    for i, (g, g64) in enumerate(zip(grads, grads64)):
+        assert torch.isfinite(g).all(), "gradient holds NaN or inf"
+        assert_within_float32_error(g, [gs[i] for _, gs in runs32], g64, factor=4, floor=grad_floor,
+                                    what=f"gradient {i}", relative=True)
+    return value

@@ -46,7 +46,7 @@ import mipic_kernels as mk  # noqa: E402
 from mipic_kernels import fused, selection  # noqa: E402
 from mipic_kernels.fused import backward, cka_op, gram, nested_cka_op  # noqa: E402
 from mipic_kernels.fused.tl_utils import triangle_tile  # noqa: E402
-from tests.accuracy import assert_within_float32_error, float32_runs, value_and_grads  # noqa: E402
+from tests.accuracy import assert_within_float32_error, compare_backends, float32_runs, value_and_grads  # noqa: E402
 from tests.host_sync import HostSyncRecorder  # noqa: E402
 from tests.seeding import SESSION_SEED, generator  # noqa: E402
 
@@ -79,18 +79,8 @@ def _mask(lead: tuple[int, ...], t: int, seed: int) -> torch.Tensor:
 
 def _compare(fn, inputs, *, seed: int):
     """Triton (float32) vs the float32 and float64 references: values and gradients."""
-    dev = [x.to(DEVICE) for x in inputs]
-    value, grads = value_and_grads(lambda *a: fn(*a, backend="triton"), dev, seed)
-    runs32 = float32_runs(lambda a: value_and_grads(lambda *b: fn(*b, backend="torch"), a, seed), inputs, seed=SESSION_SEED)
-    ref64, grads64 = value_and_grads(lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], seed)
-    assert value.dtype == torch.float32
-    assert_within_float32_error(value, [v for v, _ in runs32], ref64, factor=4, floor=VALUE_FLOOR,
-                                what="value", relative=False)
-    for i, (g, g64) in enumerate(zip(grads, grads64)):
-        assert torch.isfinite(g).all(), "gradient holds NaN or inf"
-        assert_within_float32_error(g, [gs[i] for _, gs in runs32], g64, factor=4, floor=GRAD_FLOOR,
-                                    what="gradient", relative=True)
-    return value
+    return compare_backends(fn, inputs, value_and_grads, device=DEVICE, seed=seed, copies_seed=SESSION_SEED,
+                            value_floor=VALUE_FLOOR, grad_floor=GRAD_FLOOR, value_relative=False)
 
 
 @pytest.mark.parametrize("detach_full", [True, False], ids=["detached", "full-grad"])

@@ -7,6 +7,7 @@ and ``citation``, whose ``forward(batch: EncodedBatch)`` returns a :class:`TermO
 from .ese import ESELoss
 from .mic import MICLoss
 from .mrl import MRLLoss
+from .mta import MTALoss
 from .objective import Objective
 from .pic import PICLoss
 from .sia import SIALoss
@@ -14,5 +15,5 @@ from .terms import EncodedBatch, TermOutput, weighted_sum
 
 __all__ = [
     "Objective", "EncodedBatch", "TermOutput", "weighted_sum",
-    "MRLLoss", "SIALoss", "PICLoss", "ESELoss", "MICLoss",
+    "MRLLoss", "SIALoss", "PICLoss", "ESELoss", "MICLoss", "MTALoss",
 ]

@@ -42,3 +42,13 @@ MIC = """
     primaryClass={cs.LG}
 }
 """
+
+MTA = """
+@misc{mta2026,
+    title={Multi-Granular Trajectory Alignment for Knowledge Distillation of Sentence Encoders},
+    year={2026},
+    eprint={2605.01374},
+    archivePrefix={arXiv},
+    primaryClass={cs.CL}
+}
+"""

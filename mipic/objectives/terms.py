@@ -4,7 +4,9 @@ and how a weighted combination of their parts is evaluated (:func:`weighted_sum`
 Every term is an ``nn.Module`` whose ``forward(batch: EncodedBatch) -> TermOutput``: the
 trainer's :class:`~mipic.objectives.Objective`, the sentence-transformers loss and the
 transformers ``Trainer`` integration all build an :class:`EncodedBatch` from their own
-model outputs and run the same term modules on it.
+model outputs and run the same term modules on it. A term that reads more than hidden
+states (texts, token offsets, attention weights) names it in its ``needs`` attribute
+(:data:`NEEDS`); the trainer's objective then asks its encoder for it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from ..distributed import ONE_PROCESS, Ranks
 from ..encoder import pool, query_positions
 
 POOLINGS = ("cls", "mean", "last")
+# What a term may list in its ``needs``: ``"tokens"`` (the texts, word ids and character
+# offsets) and ``"attentions"``.
+NEEDS = ("tokens", "attentions")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,13 @@ class EncodedBatch:
         ranks: the processes that hold the other parts of the batch under data
             parallelism (each the same number of examples, in rank order); the terms
             then compute the whole batch's loss on every process. None: one process.
+        texts, words, offsets, attentions: what only some terms read (see
+            :class:`mipic.encoder.Encoded`), present when a term asks for it through its
+            ``needs`` (e.g. MTA encodes the texts with its teacher and aligns the two
+            tokenizations by character offsets): the ``views * B`` texts as the
+            tokenizer saw them, word ids ``(views * B, T)``, character offsets
+            ``(views * B, T, 2)`` and one ``(views * B, heads, T, T)`` attention tensor
+            per layer (``attentions[l - 1]`` is layer ``l``).
     """
 
     hidden: Sequence[torch.Tensor]
@@ -44,6 +56,10 @@ class EncodedBatch:
     views: int = 1
     pooling: str = "cls"
     ranks: Optional[Ranks] = None
+    texts: Optional[Sequence[str]] = None
+    words: Optional[torch.Tensor] = None
+    offsets: Optional[torch.Tensor] = None
+    attentions: Optional[Sequence[torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         if self.ranks is None:

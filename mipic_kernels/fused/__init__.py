@@ -1,9 +1,10 @@
 """Fused Triton backend: same internal signatures as :mod:`mipic_kernels.reference`.
 
 One module per operation holds its passes and its ``torch.library`` custom ops
-(:mod:`.nested_cka_op`, :mod:`.cka_op`, :mod:`.ranking`); the kernels they launch live
-in :mod:`.gram` and :mod:`.stats` (forward) and :mod:`.backward`, with the tile
-helpers they share in :mod:`.tl_utils`. This module imports none of them (nor triton)
+(:mod:`.nested_cka_op`, :mod:`.cka_op`, :mod:`.ranking`, :mod:`.relation_op`); the
+kernels they launch live in :mod:`.gram` and :mod:`.stats` (forward) and
+:mod:`.backward`, with the tile helpers they share in :mod:`.tl_utils`; the span
+relation's own kernels in :mod:`.relation_kernels`. This module imports none of them (nor triton)
 until an operation runs.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter
@@ -116,3 +117,20 @@ def nested_cka_ranked(
         detach_full=detach_full, precision=precision,
     )
     return value.reshape(*lead, len(dims))
+
+
+def span_relation_distance(
+    x: torch.Tensor, y: torch.Tensor, spans_x: torch.Tensor, spans_y: torch.Tensor, weights_x: torch.Tensor,
+    weights_y: torch.Tensor, n: torch.Tensor, max_spans: int, *, distance: str, beta: float,
+) -> torch.Tensor:
+    """Span relation distance of ``x (*, T, Dx)`` and ``y (*, U, Dy)``; returns ``(*)``
+    (see :func:`mipic_kernels.span_relation_distance`)."""
+    from . import relation_op
+
+    lead = x.shape[:-2]
+    value = relation_op.span_relation_distance(
+        x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]), spans_x.reshape(-1, spans_x.shape[-1]),
+        spans_y.reshape(-1, spans_y.shape[-1]), weights_x.reshape(-1, weights_x.shape[-1]),
+        weights_y.reshape(-1, weights_y.shape[-1]), n.reshape(-1), max_spans, distance=distance, beta=beta,
+    )
+    return value.reshape(lead)
