@@ -76,12 +76,16 @@ def _cases(model: str) -> dict:
                     train={"activation_checkpointing": True})
     fsdp = _config(model, "mipic", mic=True, pic={"chain": [[8, 1], [32, 3]]},
                    train={"parallel": "fsdp", "activation_checkpointing": True})
+    # The model distils itself: the relation and projection terms only need a frozen teacher.
+    mta = {**_config(model, "mta", alpha=0.5, mta={"layers": [[1, 1], [3, 3]], "hra_layers": [3]}),
+           "teacher": {"name": model, "max_length": 16}}
     return {
         "mrl": {"config": _config(model, "mrl"), "batches": one},
         "mipic, activation checkpointing, 2 micro-batches": {"config": mipic, "batches": two_micro},
         "mic": {"config": _config(model, "mrl", mic=True), "batches": one},
         "ese, hard negatives": {"config": _config(model, "ese", ese={"layers": [1, 2]}), "batches": [TRIPLETS]},
         "mipic + mic, fsdp, activation checkpointing, 2 micro-batches": {"config": fsdp, "batches": two_micro},
+        "mta + mrl": {"config": mta, "batches": one},
         # Each half's terms alone: what a missing gather or sum would compute.
         "mrl, local terms": {"config": _config(model, "mrl"), "batches": one, "local_terms": True, "as": "mrl"},
         "mic, local terms": {"config": _config(model, "mrl", mic=True), "batches": one, "local_terms": True,
@@ -172,7 +176,8 @@ def _worst_errors(got: dict, want: dict) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("case", ["mrl", "mipic, activation checkpointing, 2 micro-batches", "mic",
-                                  "ese, hard negatives", "mipic + mic, fsdp, activation checkpointing, 2 micro-batches"])
+                                  "ese, hard negatives", "mipic + mic, fsdp, activation checkpointing, 2 micro-batches",
+                                  "mta + mrl"])
 def test_two_processes_give_the_loss_and_gradients_of_one_on_the_whole_batch(case, runs, one_process):
     want = one_process(case)
     assert want["parts"]["loss"] > 0 and len(want["grads"]) > 50
