@@ -282,7 +282,7 @@ def test_host_sync_recorder_catches_an_injected_sync(monkeypatch, sync, where):
     original = getattr(module, name)
 
     def with_sync(*args, **kwargs):
-        counts = args[2]  # resolve_k's counts, nested_grams' kmax: (B,) int64
+        counts = args[2]  # resolve_k's real counts (B,), nested_grams' counts (B, W): int64
         _INJECTED_SYNCS[sync](counts)
         return original(*args, **kwargs)
 
@@ -532,16 +532,17 @@ def _ranked_inputs(batch, t, d, seed, real):
 def test_gram_tiles_are_written_only_where_their_rows_are_used():
     # k_top = 40 is three 16-row tiles under the interpreter; example 1 selects 5 rows
     # (one tile), example 2 none. A slot's tiles are written only up to the rows it is
-    # read over (n for a prefix, kmax for the full width): everything else keeps the
-    # NaN it was filled with, and what is written is the shifted Gram.
+    # read over (n for a prefix, kmax = max_w n for the full width): everything else
+    # keeps the NaN it was filled with, and what is written is the shifted Gram. The
+    # prefix counts are not monotone; a fourth count (no slot of its own) is the widest.
     x, order, kmax = _ranked_inputs(3, 50, 70, seed=190, real=[40, 5, 0])
-    n = torch.stack([torch.clamp(kmax, max=v) for v in (7, 33, 17)], dim=-1)  # (B, W), not monotone
+    n = torch.stack([torch.clamp(kmax, max=v) for v in (7, 33, 17, 50)], dim=-1)
     bounds = (0, 5, 33, 64, 70)
     grams = torch.full((3, 4, 40, 40), math.nan)
     sq = torch.full((3, 4, 40), math.nan)
     shift = torch.empty(3, 70)
-    gram.launch_shift(x, order, kmax, shift)
-    gram.launch_gram(x, order, n, kmax, shift, bounds, grams, sq, precision="fast")
+    gram.launch_shift(x, order, n, shift)
+    gram.launch_gram(x, order, n, shift, bounds, grams, sq, precision="fast")
     tile = torch.arange(40) // 16
     for b in range(3):
         rows = x[b, order[b, :40]].double()
@@ -573,7 +574,8 @@ def test_input_gradient_writes_every_entry_once(full_grad):
     coef = torch.randn(3, slots, 30, 30, generator=generator(196))
     coef = coef + coef.mT
     dx = torch.full_like(x, math.nan)
-    backward.launch_dx(x, order, kmax, shift, bounds, coef, dx, n_prefix=3, full_grad=full_grad, precision="ieee")
+    backward.launch_dx(x, order, kmax[:, None], shift, bounds, coef, dx, n_prefix=3, full_grad=full_grad,
+                       precision="ieee")
     assert not dx.isnan().any()
     for b in range(3):
         k = int(kmax[b])

@@ -194,11 +194,10 @@ def fused_traffic(
 # Torch operations per call of NestedCKALoss(..., backend="triton")(x, scores="cls",
 # mask=mask) besides the Triton launches, counted by running the loss under the
 # interpreter (tests/test_roofline.py checks them), the same for any widths and for a
-# count or fractions as k. Forward: the widest count of each example (amax), the
-# linear kernel's unit bandwidths (a fill) and the loss's reduction (12); backward:
-# autograd through that reduction (6) and the widest counts again.
-_TORCH_FORWARD = {"linear": 14, "rbf": 13}
-_TORCH_BACKWARD = 7
+# count or fractions as k: the linear kernel's unit bandwidths (a fill) and the loss's
+# reduction (10) forward, autograd through that reduction (6) backward.
+_TORCH_FORWARD = {"linear": 11, "rbf": 10}
+_TORCH_BACKWARD = 6
 
 
 @dataclass(frozen=True)
