@@ -33,6 +33,8 @@ _SCORE_BLOCK_T = 32
 _RANK_BLOCK = 64
 # The count standing for "every real token" (k=None): the real count always caps it.
 _EVERY_TOKEN = 2**31 - 1
+# resolve_k's slack, as a constexpr global the compiled kernel may read.
+_SLACK = tl.constexpr(CEIL_SLACK)
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def _rank_kernel(
         frac = tl.load(frac_ptr + widths, mask=w_ok, other=0.0)
         fixed = tl.load(fixed_ptr + widths, mask=w_ok, other=0)
         count = tl.max(real, axis=0).to(tl.int64)
-        slack = tl.full([WP], CEIL_SLACK, tl.float64)
+        slack = tl.full([WP], _SLACK, tl.float64)
         want = tl.where(frac > 0.0, tl.ceil(count.to(tl.float64) * frac - slack).to(tl.int64), fixed)
         counts = tl.minimum(tl.maximum(want, k_min), count)
         tl.store(counts_ptr + b * stride_cb + widths, counts, mask=w_ok)
@@ -140,6 +142,7 @@ def _cls_order(
         scores, real, order, frac, fix, counts, tokens, len(fixed), k_min,
         *scores.stride(), *real.stride(), *order.stride(), counts.stride(0),
         BLOCK_J=_RANK_BLOCK, BLOCK_I=_RANK_BLOCK, WP=triton.next_power_of_2(len(fixed)), num_warps=4,
+        enable_fp_fusion=False,  # real * frac - slack rounded twice, as resolve_k does: no FMA
     )
     return order, counts
 
