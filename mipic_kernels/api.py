@@ -7,9 +7,10 @@ normalised arguments with the same internal signature:
 ``cka(x, y, mask, *, kernel, unbiased, sigma, rbf_threshold)`` and
 ``nested_cka_ranked(x, dims, order, k, k_top, *, kernel, unbiased, sigma,
 rbf_threshold, detach_full)``, where ``mask`` is a bool tensor, ``order`` the token
-ranking (:func:`_token_order`: the fused score-and-rank kernel or
-:func:`mipic_kernels.selection.rank_tokens`), ``k`` the per-width counts
-from :func:`mipic_kernels.selection.resolve_k` and ``k_top`` their bound from
+ranking and ``k`` the per-width counts of
+:func:`mipic_kernels.selection.resolve_k` (:func:`_order_and_counts`: the fused
+score-and-rank kernel, or :func:`mipic_kernels.selection.rank_tokens` and
+``resolve_k``) and ``k_top`` their bound from
 :func:`mipic_kernels.selection.gram_edge`, an int known without reading the data.
 
 Checks of values (non-finite ``x``, ``y`` or ``scores``) read the data on the host,
@@ -176,8 +177,7 @@ def nested_cka(
             raise ValueError(f"scores must be a (*, T) tensor, 'cls' or None; got {scores!r}")
     elif scores is not None:
         scores = _check_scores(scores, x, mask, check_values=check_values)
-    order = _token_order(x, scores, mask)
-    counts = selection.resolve_k(k, k_min, mask.sum(-1), len(dims))
+    order, counts = _order_and_counts(x, scores, mask, k, k_min, len(dims))
     k_top = selection.gram_edge(k, k_min, x.shape[-2])
     return impl.nested_cka_ranked(
         x, dims, order, counts, k_top, kernel=kernel, unbiased=bool(unbiased), sigma=sigma,
@@ -208,22 +208,26 @@ def _backend(backend: str, x: torch.Tensor) -> ModuleType:
     return fused if fused.preferred_for(x) else reference
 
 
-def _token_order(x: torch.Tensor, scores: ScoresSpec, mask: torch.Tensor) -> torch.Tensor:
-    """The token order every backend gets (see :func:`selection.rank_tokens`).
+def _order_and_counts(
+    x: torch.Tensor, scores: ScoresSpec, mask: torch.Tensor, k: KSpec, k_min: int, n_widths: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token order (see :func:`selection.rank_tokens`) and the per-width counts
+    (:func:`selection.resolve_k`) every backend gets.
 
     ``"cls"`` runs the fused score-and-rank kernel whenever triton can run on ``x`` (a
     CUDA tensor, or the interpreter), whatever the backend: it reads ``x`` once in its
-    own dtype. Elsewhere :func:`selection.cls_scores` computes the same scores in
-    torch; the two may order tokens whose scores are within float32 rounding of each
-    other differently, but every backend on one device gets one order.
+    own dtype and writes the counts too. Elsewhere :func:`selection.cls_scores`
+    computes the same scores in torch; the two may order tokens whose scores are
+    within float32 rounding of each other differently, but every backend on one
+    device gets one order. The counts are the same either way.
     """
     if isinstance(scores, str):
         from . import fused
 
         if fused.can_run(x):
-            return fused.cls_order(x, mask)
+            return fused.cls_order(x, mask, k, k_min, n_widths)
         scores = selection.cls_scores(x)
-    return selection.rank_tokens(scores, mask)
+    return selection.rank_tokens(scores, mask), selection.resolve_k(k, k_min, mask.sum(-1), n_widths)
 
 
 def _checks_values(impl: ModuleType) -> bool:

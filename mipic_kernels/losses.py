@@ -87,14 +87,12 @@ class NestedCKALoss(nn.Module):
         over the processes holding the other entries (a differentiable all-reduce);
         the reduction then runs over every process's entries, the defined ones counted
         on all of them."""
-        values = nested_cka(x, self.dims, scores=scores, mask=mask, **self.options)
-        defined = ~torch.isnan(values)
-        gaps = torch.where(defined, 1 - values, torch.zeros_like(values))
-        gaps = gaps.flatten(0, -2) if gaps.dim() > 1 else gaps[None]
-        total = gaps.sum(0)
+        values = nested_cka(x, self.dims, scores=scores, mask=mask, **self.options).reshape(-1, len(self.dims))
+        defined = values == values  # not NaN, in one operation (each is a launch on a GPU)
+        total = torch.where(defined, 1 - values, 0.0).sum(0)
         if self.reduction == "sum":
             return total if sum_over_processes is None else sum_over_processes(total)
-        count = defined.reshape(-1, len(self.dims)).sum(0)
+        count = defined.sum(0)
         if sum_over_processes is not None:
             total, count = sum_over_processes(torch.stack([total, count.to(total.dtype)])).unbind()
         return total / count.clamp(min=1)
@@ -105,7 +103,7 @@ class NestedCKALoss(nn.Module):
         """The weighted loss (a scalar) for token states ``x (*, T, D)``; ``scores`` and
         ``mask`` as in :func:`mipic_kernels.nested_cka`."""
         gaps = self.per_width(x, scores=scores, mask=mask)
-        return (gaps * self.weights.to(gaps)).sum()
+        return torch.dot(gaps, self.weights.to(gaps))
 
     def get_config_dict(self) -> dict[str, Any]:
         """The constructor's arguments (plain Python values, JSON-serialisable)."""

@@ -1,8 +1,12 @@
 """The rules every backend shares, written once: the column segments of the nested
 widths and when a CKA entry is defined (and its value then).
 
-Torch only: imported by :mod:`mipic_kernels.reference` and by the fused backend, so
-the two can never disagree on which entries are NaN or where a width's columns end.
+Torch only: imported by :mod:`mipic_kernels.reference` and by the fused backend
+(the segments). The fused backend's epilogue kernel
+(:func:`mipic_kernels.fused.stats._values_kernel`) applies :func:`defined_entries`
+and :func:`cka_value` operation for operation in fp32, in one launch; the
+interpreter tests hold its NaN positions equal to these functions' on statistics at
+every threshold, so the two backends agree on which entries are NaN.
 """
 
 from __future__ import annotations

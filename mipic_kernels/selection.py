@@ -23,7 +23,7 @@ _SCORE_CHUNK_ELEMENTS = 1 << 24
 
 # A fraction times a count is rounded up, but ``0.3 * 10`` is 3.0000000000000004
 # in binary floating point: the slack makes the decimal reading (3) win.
-_CEIL_SLACK = 1e-9
+CEIL_SLACK = 1e-9
 
 
 def cls_scores(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ def resolve_k(k: KSpec, k_min: int, counts: torch.Tensor, n_widths: int) -> torc
     # is its own ceiling, slack or not.
     c64 = c.to(torch.float64)
     wanted = torch.stack([c64 * s if isinstance(s, float) else torch.full_like(c64, s) for s in specs], dim=-1)
-    want = torch.ceil(wanted - _CEIL_SLACK).to(torch.int64)
+    want = torch.ceil(wanted - CEIL_SLACK).to(torch.int64)
     return torch.minimum(want.clamp(min=k_min), c[..., None])
 
 
@@ -103,5 +103,5 @@ def gram_edge(k: KSpec, k_min: int, tokens: int) -> int:
         return tokens
     specs = [k] if isinstance(k, int) else k
     # The float64 product and ceiling of resolve_k, on the host.
-    want = max(math.ceil(tokens * s - _CEIL_SLACK) if isinstance(s, float) else s for s in specs)
+    want = max(math.ceil(tokens * s - CEIL_SLACK) if isinstance(s, float) else s for s in specs)
     return min(max(want, k_min), tokens)

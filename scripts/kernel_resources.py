@@ -154,8 +154,7 @@ def collect() -> list[Row]:
         x = torch.zeros(shape, dtype=dtype, requires_grad=True)
         mask = torch.ones(shape[:2], dtype=torch.bool)
         with compile_only(rows, case):
-            order = ranking.cls_order(x, mask)
-            counts = selection.resolve_k(k, 8, mask.sum(-1), len(dims))
+            order, counts = ranking.cls_order(x, mask, k, 8, len(dims))
             k_top = selection.gram_edge(k, 8, shape[1])
             value = nested_cka_op.nested_cka(
                 x, order, counts, dims, k_top, kernel=kernel, unbiased=False, sigma=None, rbf_threshold=1.0,

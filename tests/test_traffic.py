@@ -28,7 +28,11 @@ def test_gram_pass_by_hand():
     assert gram.written == 2 * 3 * (16 * 16 + 16) * 4
     assert gram.read == (10 + 16) * (100 * 2 + 8) + 2 * 100 * 4
     assert gram.flops == {"bf16": 2 * (2 * 64**2 * 256) * 4}
-    assert [p.name for p in model.passes] == ["shift", "gram", "rowsum", "hsic"]
+    assert [p.name for p in model.passes] == ["shift", "gram", "rowsum", "hsic", "values"]
+    # The epilogue: one 16-row block per entry (edge 16), its 9 partials in, the counts
+    # (8 bytes) and both bandwidths in, the 9 statistics and the value out.
+    values = {p.name: p for p in model.passes}["values"]
+    assert values.read == 2 * 2 * (9 * 4 + 8 + 2 * 4) and values.written == 2 * 2 * 10 * 4
     assert model.held == 0.0 and model.peak_extra == 0.0
 
 

@@ -282,7 +282,7 @@ def test_host_sync_recorder_catches_an_injected_sync(monkeypatch, sync, where):
     original = getattr(module, name)
 
     def with_sync(*args, **kwargs):
-        counts = args[2]  # resolve_k's counts, nested_grams' kmax: (B,) int64
+        counts = args[2]  # resolve_k's real counts (B,), nested_grams' counts (B, W): int64
         _INJECTED_SYNCS[sync](counts)
         return original(*args, **kwargs)
 
@@ -318,9 +318,9 @@ def test_both_backends_rank_cls_with_the_kernel_where_it_runs(monkeypatch):
     calls = []
     original = fused.cls_order
 
-    def spy(x, mask):
+    def spy(x, mask, *spec):
         calls.append(x.dtype)
-        return original(x, mask)
+        return original(x, mask, *spec)
 
     monkeypatch.setattr(fused, "cls_order", spy)
     x = _states(2, 9, 8, seed=170).to(DEVICE)
@@ -345,7 +345,7 @@ def test_cls_ranking_kernel_is_exact_where_the_scores_are(dtype):
     mask = _ranking_mask(batch, t, seed=151)
     scores = (x[:, :1] * x).sum(-1) / d**0.5
     assert (scores[:, 11] == scores[:, 2]).all() and (scores[:, 7] == 0).all()
-    got = fused.cls_order(x.to(dtype).to(DEVICE), mask.to(DEVICE))
+    got, _ = fused.cls_order(x.to(dtype).to(DEVICE), mask.to(DEVICE))
     assert torch.equal(got.cpu(), _want_order(scores, mask))
 
 
@@ -364,7 +364,7 @@ def test_cls_ranking_kernel_orders_non_finite_scores_like_torch_sort():
     scores = (x[:, :1].double() * x.double()).sum(-1) / d**0.5
     want = torch.sort(torch.where(mask, scores, -math.inf), dim=-1, descending=True, stable=True).indices
     assert want[0, :3].tolist() == [5, 8, 9] and want[1, -1] == 6
-    got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE)).cpu()
+    got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE))[0].cpu()
     assert torch.equal(got, want)
 
 
@@ -381,7 +381,7 @@ def test_cls_ranking_kernel_within_float32_rounding_of_float64(dtype):
     x[:, 17] = x[:, 5]
     x[:, 37] = x[:, 5]
     mask = _ranking_mask(batch, t, seed=161)
-    got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE)).cpu()
+    got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE))[0].cpu()
     x64 = x.double()
     scores = (x64[:, :1] * x64).sum(-1) / d**0.5
     u = 2.0**-24
@@ -400,6 +400,82 @@ def test_cls_ranking_kernel_within_float32_rounding_of_float64(dtype):
         for twin in (17, 37):  # in the same block of tokens as 5, and in another
             if mask[b, 5] and mask[b, twin]:
                 assert (ranked == 5).nonzero() < (ranked == twin).nonzero(), "exact tie not in position order"
+
+
+@pytest.mark.parametrize("k, k_min", [
+    (None, 3), (7, 2), (1, 5), ([0.3, 1.0, 0.1, 0.5, 0.7], 1), ([0.3, 4, 0.999, 100, 0.05], 3),
+], ids=str)
+def test_cls_ranking_kernel_writes_the_counts_of_resolve_k(k, k_min):
+    # Every real count from 0 to T = 80 (two rank blocks), fractions whose products
+    # land on integers in decimal but not in binary (0.3 x 10, 0.7 x 10: the slack),
+    # counts above T, a k_min above some real counts, and five widths (not a power of
+    # two).
+    t, widths = 80, 5
+    real = torch.arange(t + 1)
+    mask = torch.arange(t)[None, :] < real[:, None]
+    mask = mask[torch.randperm(t + 1, generator=generator(157))]
+    mask = mask[:, torch.randperm(t, generator=generator(158))]
+    x = torch.randn(t + 1, t, 6, generator=generator(159))
+    spec = k if k is None or isinstance(k, int) else list(k)
+    _, got = fused.cls_order(x.to(DEVICE), mask.to(DEVICE), spec, k_min, widths)
+    assert got.dtype == torch.int64
+    assert torch.equal(got.cpu(), selection.resolve_k(spec, k_min, mask.sum(-1), widths))
+
+
+def test_epilogue_kernel_is_the_definedness_rule_and_value_bit_for_bit():
+    # Statistics on both sides of every threshold of rules.defined_entries (counts
+    # 0 to 5, spreads and self-HSIC within a few ulps of their bounds, bandwidths NaN
+    # or inf), summed from 3 row blocks: the kernel must give the stats of a sum in
+    # block order, the NaN positions of rules.defined_entries on them, exactly, and
+    # the value of rules.cka_value.
+    from mipic_kernels import rules
+    from mipic_kernels.fused import stats as st
+
+    gen = generator(163)
+    batch, widths, blocks = 7, 29, 3
+    part = torch.rand(batch, widths, blocks, st.N_STATS, generator=gen) + 0.5
+    part[..., st.A] -= 0.5
+    n = torch.randint(0, 9, (batch, widths), generator=gen)
+    bw = torch.rand(batch, widths, 2, generator=gen) + 0.1
+    bw.view(-1)[torch.randperm(bw.numel(), generator=gen)[:20]] = math.nan
+    bw.view(-1)[torch.randperm(bw.numel(), generator=gen)[:10]] = math.inf
+    nf = n.to(torch.float32)
+    tol = nf * torch.finfo(torch.float32).eps
+    total = part.sum(2)
+    # Move some totals to (just around) their thresholds through the first block.
+    ulps = torch.randint(-2, 3, (batch, widths), generator=gen).to(torch.float32)
+    for col, size in ((st.SPREAD_X, st.SIZE_X), (st.SPREAD_Y, st.SIZE_Y)):
+        near = torch.rand(batch, widths, generator=gen) < 0.3
+        edge = (tol * total[..., size]) * (1 + ulps * 2**-23)
+        part[..., 0, col] = torch.where(near, edge - part[..., 1:, col].sum(-1), part[..., 0, col])
+    for col in (st.B, st.C):
+        near = torch.rand(batch, widths, generator=gen) < 0.3
+        part[..., 0, col] = torch.where(near, tol.square() * nf.square() * (1 + ulps * 2**-23), part[..., 0, col])
+        part[..., 1:, col] = torch.where(near[..., None], 0.0, part[..., 1:, col])
+    for kernel in ("linear", "rbf"):
+        for unbiased in (False, True):
+            stats = torch.empty(batch, widths, st.N_STATS)
+            value = torch.empty(batch, widths)
+            entries = batch * widths
+            st._values_kernel[(triton.cdiv(entries, 64),)](
+                part.to(DEVICE), n.to(DEVICE), bw.to(DEVICE), stats := stats.to(DEVICE), value := value.to(DEVICE),
+                entries, blocks, RBF=kernel == "rbf", UNBIASED=unbiased, BLOCK_E=64,
+            )
+            want_stats = part[..., 0, :] + part[..., 1, :] + part[..., 2, :]
+            assert torch.equal(stats.cpu(), want_stats)
+            s = want_stats
+            defined = rules.defined_entries(
+                nf, s[..., st.SPREAD_X], s[..., st.SPREAD_Y], s[..., st.SIZE_X], s[..., st.SIZE_Y],
+                s[..., st.B], s[..., st.C], torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
+            )
+            assert 0 < int(defined.sum()) < defined.numel()
+            assert torch.equal(value.cpu().isnan(), ~defined)
+            # a / sqrt(b c) with every step correctly rounded (torch's float32 sqrt on
+            # a CPU is not: there the rule's value may differ by one ulp).
+            root = torch.sqrt((s[..., st.B] * s[..., st.C]).double()).float()
+            assert torch.equal(value.cpu()[defined], (s[..., st.A] / root)[defined])
+            want = rules.cka_value(s[..., st.A], s[..., st.B], s[..., st.C], defined)
+            torch.testing.assert_close(value.cpu(), want, rtol=2**-22, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -456,16 +532,17 @@ def _ranked_inputs(batch, t, d, seed, real):
 def test_gram_tiles_are_written_only_where_their_rows_are_used():
     # k_top = 40 is three 16-row tiles under the interpreter; example 1 selects 5 rows
     # (one tile), example 2 none. A slot's tiles are written only up to the rows it is
-    # read over (n for a prefix, kmax for the full width): everything else keeps the
-    # NaN it was filled with, and what is written is the shifted Gram.
+    # read over (n for a prefix, kmax = max_w n for the full width): everything else
+    # keeps the NaN it was filled with, and what is written is the shifted Gram. The
+    # prefix counts are not monotone; a fourth count (no slot of its own) is the widest.
     x, order, kmax = _ranked_inputs(3, 50, 70, seed=190, real=[40, 5, 0])
-    n = torch.stack([torch.clamp(kmax, max=v) for v in (7, 33, 17)], dim=-1)  # (B, W), not monotone
+    n = torch.stack([torch.clamp(kmax, max=v) for v in (7, 33, 17, 50)], dim=-1)
     bounds = (0, 5, 33, 64, 70)
     grams = torch.full((3, 4, 40, 40), math.nan)
     sq = torch.full((3, 4, 40), math.nan)
     shift = torch.empty(3, 70)
-    gram.launch_shift(x, order, kmax, shift)
-    gram.launch_gram(x, order, n, kmax, shift, bounds, grams, sq, precision="fast")
+    gram.launch_shift(x, order, n, shift)
+    gram.launch_gram(x, order, n, shift, bounds, grams, sq, precision="fast")
     tile = torch.arange(40) // 16
     for b in range(3):
         rows = x[b, order[b, :40]].double()
@@ -497,7 +574,8 @@ def test_input_gradient_writes_every_entry_once(full_grad):
     coef = torch.randn(3, slots, 30, 30, generator=generator(196))
     coef = coef + coef.mT
     dx = torch.full_like(x, math.nan)
-    backward.launch_dx(x, order, kmax, shift, bounds, coef, dx, n_prefix=3, full_grad=full_grad, precision="ieee")
+    backward.launch_dx(x, order, kmax[:, None], shift, bounds, coef, dx, n_prefix=3, full_grad=full_grad,
+                       precision="ieee")
     assert not dx.isnan().any()
     for b in range(3):
         k = int(kmax[b])

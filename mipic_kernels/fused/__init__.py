@@ -70,12 +70,16 @@ def check_usable(x: torch.Tensor) -> None:
         )
 
 
-def cls_order(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def cls_order(
+    x: torch.Tensor, mask: torch.Tensor, k: selection.KSpec = None, k_min: int = 1, n_widths: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token order ``(*, T)`` of ``x (*, T, D)`` by MIPIC's ``"cls"`` score, real tokens
-    (``mask``) first: the score-and-rank kernels of :mod:`.ranking`."""
+    (``mask``) first, and the per-width counts ``(*, n_widths)`` of
+    :func:`mipic_kernels.selection.resolve_k` for ``k, k_min``: the score-and-rank
+    kernels of :mod:`.ranking`."""
     from . import ranking
 
-    return ranking.cls_order(x, mask)
+    return ranking.cls_order(x, mask, k, k_min, n_widths)
 
 
 def cka(

@@ -28,7 +28,7 @@ from .stats import (
     COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, NUM_WARPS, ROW, entry_block, entry_kernel_tiles, load_bandwidths,
     row_block, safe_count,
 )
-from .tl_utils import centred_tile, dot_split, load_shifted, split
+from .tl_utils import centred_tile, dot_split, load_shifted, split, widest_count
 
 # Output tiles of BM ranks x BLOCK_D columns, BK ranks per step of the sweep. The split
 # dots' candidates compile for sm_90 without register spills, with the full-width
@@ -130,11 +130,11 @@ def _coef_rowsum_kernel(
 
 @triton.jit
 def _coef_kernel(
-    gx_ptr, gy_ptr, n_ptr, kmax_ptr, bw_ptr, stats_ptr, rs_ptr, grad_ptr, value_ptr, ds_ptr, coef_ptr, K, RB,
+    gx_ptr, gy_ptr, n_ptr, bw_ptr, stats_ptr, rs_ptr, grad_ptr, value_ptr, ds_ptr, coef_ptr, K, RB,
     stride_gxb, stride_gxw, stride_gxi, stride_gxj, stride_gyb, stride_gyw, stride_gyi, stride_gyj,
     stride_rsb, stride_rsw, stride_rss, stride_ub, stride_uw, stride_dsb, stride_dsw, stride_dss,
     stride_cb, stride_cs, stride_ci, stride_cj,
-    W: tl.constexpr, RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
+    W: tl.constexpr, WP: tl.constexpr, RBF: tl.constexpr, UNBIASED: tl.constexpr, FULL_GRAD: tl.constexpr,
     KP: tl.constexpr, BM: tl.constexpr,
 ):
     """Rows of block ``rb`` of every coefficient of example ``b``: slot ``w`` the sum of
@@ -153,7 +153,9 @@ def _coef_kernel(
     pid = tl.program_id(0)
     b = (pid // RB).to(tl.int64)
     rb = pid % RB
-    kmax = tl.load(kmax_ptr + b)
+    # One vector load (a scalar loop here costs the kernel ~40 registers on sm_90).
+    widths = tl.arange(0, WP)
+    kmax = tl.max(tl.load(n_ptr + b * W + widths, mask=widths < W, other=0), axis=0)
     if rb * BM >= kmax:
         return
     rows = rb * BM + tl.arange(0, BM)
@@ -195,8 +197,8 @@ def _coef_kernel(
 @autotune([*_DX_FAST_CONFIGS, *_DX_IEEE_CONFIGS], _dx_candidates, _DX_INTERPRETER_CONFIG, key=["K_BUCKET", "D", "DOT"])
 @triton.jit
 def _dx_kernel(
-    x_ptr, order_ptr, kmax_ptr, shift_ptr, bounds_ptr, coef_ptr, dx_ptr,
-    T, D, K_BUCKET, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot,
+    x_ptr, order_ptr, n_ptr, shift_ptr, bounds_ptr, coef_ptr, dx_ptr,
+    T, D, K_BUCKET, W, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot, stride_nb, stride_nw,
     stride_cb, stride_cs, stride_ci, stride_cj, stride_dxb, stride_dxt, stride_dxd,
     N_SEG: tl.constexpr, SEG_P2: tl.constexpr, N_PREFIX: tl.constexpr, FULL_GRAD: tl.constexpr,
     ALIGN: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
@@ -222,7 +224,7 @@ def _dx_kernel(
     rows = (rest // col_blocks) * BM + tl.arange(0, BM)
     c_lo = (rest % col_blocks) * BLOCK_D
     cols = c_lo + tl.arange(0, BLOCK_D)
-    kmax = tl.load(kmax_ptr + b)
+    kmax = widest_count(n_ptr, b, stride_nb, stride_nw, W)
     row_ok = rows < kmax
     # Segments with a gradient that meet this column block: [s_first, s_end).
     seg = tl.arange(0, SEG_P2)
@@ -267,7 +269,7 @@ def _dx_kernel(
 
 
 def coefficients(
-    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, kmax: torch.Tensor, bw: torch.Tensor,
+    gx: torch.Tensor, gy: torch.Tensor, n: torch.Tensor, bw: torch.Tensor,
     stats: torch.Tensor, rowsums: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, *,
     kernel: str, unbiased: bool, full_grad: bool,
 ) -> torch.Tensor:
@@ -275,7 +277,7 @@ def coefficients(
     ``grad (B, W)`` of ``value (B, W)``: slot ``w`` the sum of the x-side coefficients of
     widths ``>= w`` (the coefficient of column segment ``w``), slot ``W`` the sum of the
     y-side (full-width) coefficients of every width; written over the leading
-    ``kmax[b]`` rows (all columns) of each example and not elsewhere."""
+    ``kmax[b] = max_w n[b, w]`` rows (all columns) of each example and not elsewhere."""
     batch, widths, size, _ = gx.shape
     f32 = dict(device=gx.device, dtype=torch.float32)
     coef = torch.empty(batch, widths + int(full_grad), size, size, **f32)
@@ -291,27 +293,28 @@ def coefficients(
         gx, gy, n, bw, stats, rowsums, grad, value, dsums, widths, blocks, *strides, **meta,
     )
     _coef_kernel[(batch * blocks,)](
-        gx, gy, n, kmax, bw, stats, rowsums, grad, value, dsums, coef, size, blocks, *strides, *coef.stride(),
-        W=widths, **meta,
+        gx, gy, n, bw, stats, rowsums, grad, value, dsums, coef, size, blocks, *strides, *coef.stride(),
+        W=widths, WP=triton.next_power_of_2(widths), **meta,
     )
     return coef
 
 
 def input_grad(
-    x: torch.Tensor, order: torch.Tensor, kmax: torch.Tensor, shift: torch.Tensor,
+    x: torch.Tensor, order: torch.Tensor, n: torch.Tensor, shift: torch.Tensor,
     bounds: tuple[int, ...], coef: torch.Tensor, *, n_prefix: int, full_grad: bool, precision: str,
 ) -> torch.Tensor:
-    """Gradient ``(B, T, D)`` in ``x.dtype``: zero except at the selected rows (every
-    entry is written by the kernel; nothing is zero-filled first)."""
+    """Gradient ``(B, T, D)`` in ``x.dtype``: zero except at the selected rows, the
+    leading ``max_w n[b, w]`` of ``order`` for counts ``n (B, W)`` (every entry is
+    written by the kernel; nothing is zero-filled first)."""
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if x.shape[0] > 0:
-        launch_dx(x, order, kmax, shift, bounds, coef, dx, n_prefix=n_prefix, full_grad=full_grad,
+        launch_dx(x, order, n, shift, bounds, coef, dx, n_prefix=n_prefix, full_grad=full_grad,
                   precision=precision)
     return dx
 
 
 def launch_dx(
-    x: torch.Tensor, order: torch.Tensor, kmax: torch.Tensor, shift: torch.Tensor,
+    x: torch.Tensor, order: torch.Tensor, n: torch.Tensor, shift: torch.Tensor,
     bounds: tuple[int, ...], coef: torch.Tensor, dx: torch.Tensor, *, n_prefix: int, full_grad: bool,
     precision: str,
 ) -> None:
@@ -323,8 +326,9 @@ def launch_dx(
         return (batch * triton.cdiv(tokens, meta["BM"]) * triton.cdiv(depth, meta["BLOCK_D"]),)
 
     _dx_kernel[grid](
-        x, order, kmax, shift, device_bounds(bounds, x.device), coef, dx,
-        tokens, depth, k_bucket(coef.shape[-1]), *x.stride(), *order.stride(), *coef.stride(), *dx.stride(),
+        x, order, n, shift, device_bounds(bounds, x.device), coef, dx,
+        tokens, depth, k_bucket(coef.shape[-1]), n.shape[1], *x.stride(), *order.stride(), *n.stride(),
+        *coef.stride(), *dx.stride(),
         N_SEG=len(bounds) - 1, SEG_P2=triton.next_power_of_2(len(bounds) - 1), N_PREFIX=n_prefix,
         FULL_GRAD=full_grad, ALIGN=alignment(bounds), DOT=grad_dot(x.dtype, precision), INTERPRET=INTERPRETING,
     )

@@ -26,8 +26,8 @@ def forward(
     """``x (B, n, p)``, ``y (B, n, q)``, ``order (B, n)`` real rows first, ``n (B)`` counts
     -> CKA ``(B)``, the x-side intermediates and the y side's Grams and shift."""
     k_top = _k_top(x)
-    gx, sq_x, shift_x = nested_grams(x, order, n[:, None], n, (0, x.shape[-1]), k_top, precision=precision)
-    gy, sq_y, shift_y = nested_grams(y, order, n[:, None], n, (0, y.shape[-1]), k_top, precision=precision)
+    gx, sq_x, shift_x = nested_grams(x, order, n[:, None], (0, x.shape[-1]), k_top, precision=precision)
+    gy, sq_y, shift_y = nested_grams(y, order, n[:, None], (0, y.shape[-1]), k_top, precision=precision)
     value, bw, stats, rowsums = cka_from_grams(
         gx, gy, n[:, None], sq_x, sq_y, kernel=kernel, unbiased=unbiased,
         sigma=sigma, rbf_threshold=rbf_threshold,
@@ -43,16 +43,16 @@ def backward(
     """Gradients wrt ``x`` and ``y`` of ``sum(grad * value)``, each only where needed."""
     # The y side's coefficient is the "full-width" slot of the coefficient kernel.
     coef = coefficients(
-        sx.grams, sy.grams, n[:, None], n, sx.bw, sx.stats, sx.rowsums, grad[:, None], value[:, None],
+        sx.grams, sy.grams, n[:, None], sx.bw, sx.stats, sx.rowsums, grad[:, None], value[:, None],
         kernel=kernel, unbiased=unbiased,
         full_grad=need_y,
     )
     dx = dy = None
     if need_x:
-        dx = input_grad(x, order, n, sx.shift, (0, x.shape[-1]), coef, n_prefix=1, full_grad=False,
+        dx = input_grad(x, order, n[:, None], sx.shift, (0, x.shape[-1]), coef, n_prefix=1, full_grad=False,
                         precision=precision)
     if need_y:
-        dy = input_grad(y, order, n, sy.shift, (0, y.shape[-1]), coef[:, 1:], n_prefix=1, full_grad=False,
+        dy = input_grad(y, order, n[:, None], sy.shift, (0, y.shape[-1]), coef[:, 1:], n_prefix=1, full_grad=False,
                         precision=precision)
     return dx, dy
 

@@ -2,7 +2,8 @@
 
 Both kernels read the selected tokens straight from ``x`` through the ranking
 ``order`` (see :mod:`.tl_utils`). Rows at and past the example's widest count
-``kmax[b]`` read as zero, and tiles made only of such rows are not computed.
+``kmax[b] = max_w n[b, w]`` (taken in the kernels from the counts ``n``) read as zero,
+and tiles made only of such rows are not computed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .launch import INTERPRETING, alignment, autotune, device_bounds, gram_dot, k_bucket
-from .tl_utils import dot_split, load_shifted, split, triangle_tile
+from .tl_utils import dot_split, load_shifted, split, triangle_tile, widest_count
 
 _SHIFT_BLOCK_R = 32
 _SHIFT_BLOCK_D = 128
@@ -37,8 +38,8 @@ def _gram_candidates(kwargs: dict) -> list[triton.Config]:
 
 @triton.jit
 def _shift_kernel(
-    x_ptr, order_ptr, kmax_ptr, shift_ptr,
-    D, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot,
+    x_ptr, order_ptr, n_ptr, shift_ptr,
+    D, W, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot, stride_nb, stride_nw,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Column mean of each example's ``kmax`` selected rows, rounded to the input dtype
@@ -48,7 +49,7 @@ def _shift_kernel(
     b = (pid // col_blocks).to(tl.int64)
     cols = (pid % col_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    kmax = tl.load(kmax_ptr + b)
+    kmax = widest_count(n_ptr, b, stride_nb, stride_nw, W)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for r0 in range(0, kmax, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -65,8 +66,8 @@ def _shift_kernel(
 @autotune(_GRAM_CONFIGS, _gram_candidates, _GRAM_INTERPRETER_CONFIG, key=["K_BUCKET", "D", "DOT"])
 @triton.jit
 def _gram_kernel(
-    x_ptr, order_ptr, n_ptr, kmax_ptr, shift_ptr, bounds_ptr, g_ptr, sq_ptr,
-    D, K, K_BUCKET, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot, stride_nb, stride_nw,
+    x_ptr, order_ptr, n_ptr, shift_ptr, bounds_ptr, g_ptr, sq_ptr,
+    D, K, K_BUCKET, W, stride_xb, stride_xt, stride_xd, stride_ob, stride_ot, stride_nb, stride_nw,
     stride_gb, stride_gs, stride_gi, stride_gj, stride_sqb, stride_sqs,
     N_SEG: tl.constexpr, ALIGN: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -86,7 +87,7 @@ def _gram_kernel(
     pid = tl.program_id(0)
     b = (pid // per_example).to(tl.int64)
     ti, tj = triangle_tile(pid % per_example)
-    kmax = tl.load(kmax_ptr + b)
+    kmax = widest_count(n_ptr, b, stride_nb, stride_nw, W)
     if tj * BLOCK >= kmax:
         return
     ri = ti * BLOCK + tl.arange(0, BLOCK)
@@ -138,14 +139,14 @@ def _gram_kernel(
 
 
 def nested_grams(
-    x: torch.Tensor, order: torch.Tensor, n: torch.Tensor, kmax: torch.Tensor,
+    x: torch.Tensor, order: torch.Tensor, n: torch.Tensor,
     bounds: tuple[int, ...], k_top: int, *, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shifted Grams of every column prefix ``:bounds[s+1]`` over the top ``kmax`` rows.
 
     ``x (B, T, D)`` any strides, ``order (B, T)`` int64, ``n (B, W)`` int64 the rows each
-    prefix slot is read over (slot ``s < S - 1`` over ``n[:, s]``), ``kmax (B)`` int64
-    (at most ``k_top``), ``precision`` ``"fast"`` or ``"ieee"``. Returns
+    prefix slot is read over (slot ``s < S - 1`` over ``n[:, s]``), at most ``k_top``,
+    whose largest per example is ``kmax``; ``precision`` ``"fast"`` or ``"ieee"``. Returns
     ``grams (B, S, k_top, k_top)`` fp32 with ``S = len(bounds) - 1``, defined over the
     leading ``n[b, s]`` (last slot: ``kmax[b]``) rows and columns, to tile granularity,
     and not written elsewhere; ``sq (B, S, k_top)`` fp32, the running squared norms of
@@ -159,23 +160,23 @@ def nested_grams(
     grams = torch.empty(batch, n_seg, k_top, k_top, **f32)
     sq = torch.empty(batch, n_seg, k_top, **f32)
     if batch > 0:
-        launch_shift(x, order, kmax, shift)
-        launch_gram(x, order, n, kmax, shift, bounds, grams, sq, precision=precision)
+        launch_shift(x, order, n, shift)
+        launch_gram(x, order, n, shift, bounds, grams, sq, precision=precision)
     return grams, sq, shift
 
 
-def launch_shift(x: torch.Tensor, order: torch.Tensor, kmax: torch.Tensor, shift: torch.Tensor) -> None:
-    """Write ``shift (B, D)``: the column mean of each example's ``kmax`` selected rows,
-    rounded to ``x.dtype``."""
+def launch_shift(x: torch.Tensor, order: torch.Tensor, n: torch.Tensor, shift: torch.Tensor) -> None:
+    """Write ``shift (B, D)``: the column mean of each example's ``max_w n[b, w]``
+    selected rows, rounded to ``x.dtype``."""
     batch, _, depth = x.shape
     _shift_kernel[(batch * triton.cdiv(depth, _SHIFT_BLOCK_D),)](
-        x, order, kmax, shift, depth, *x.stride(), *order.stride(),
+        x, order, n, shift, depth, n.shape[1], *x.stride(), *order.stride(), *n.stride(),
         BLOCK_R=_SHIFT_BLOCK_R, BLOCK_D=_SHIFT_BLOCK_D, num_warps=4,
     )
 
 
 def launch_gram(
-    x: torch.Tensor, order: torch.Tensor, n: torch.Tensor, kmax: torch.Tensor, shift: torch.Tensor,
+    x: torch.Tensor, order: torch.Tensor, n: torch.Tensor, shift: torch.Tensor,
     bounds: tuple[int, ...], grams: torch.Tensor, sq: torch.Tensor, *, precision: str,
 ) -> None:
     """Write the tiles of ``grams (B, S, k, k)`` and ``sq (B, S, k)`` that
@@ -188,8 +189,8 @@ def launch_gram(
         return (batch * tiles * (tiles + 1) // 2,)
 
     _gram_kernel[grid](
-        x, order, n, kmax, shift, device_bounds(bounds, x.device), grams, sq,
-        depth, k_top, k_bucket(k_top), *x.stride(), *order.stride(), *n.stride(),
+        x, order, n, shift, device_bounds(bounds, x.device), grams, sq,
+        depth, k_top, k_bucket(k_top), n.shape[1], *x.stride(), *order.stride(), *n.stride(),
         *grams.stride(), sq.stride(0), sq.stride(1),
         N_SEG=len(bounds) - 1, ALIGN=alignment(bounds), DOT=gram_dot(x.dtype, precision),
         INTERPRET=INTERPRETING,

@@ -60,6 +60,18 @@ def alignment(bounds: Sequence[int]) -> int:
     return align
 
 
+# Elements of one (BM x KP) register tile of the statistics, median and coefficient
+# kernels. With 8 warps they compile to at most ~200 registers per thread without
+# spills on sm_90 (docs/kernels.md, scripts/kernel_resources.py, KP 16 ... 512).
+_TILE_ELEMENTS = 2048
+
+
+def row_block(k_top: int) -> tuple[int, int]:
+    """(BM, KP): rows per block and the padded column count for ``k_top`` columns."""
+    kp = k_bucket(k_top)
+    return max(1, min(kp, _TILE_ELEMENTS // kp)), kp
+
+
 def k_bucket(k_top: int) -> int:
     """The autotuning bucket of a Gram edge: the next power of two (at least 16)."""
     return max(16, 1 << (k_top - 1).bit_length())

@@ -30,9 +30,7 @@ def forward(
     and intermediates."""
     batch, _, depth = x.shape
     widths = len(dims)
-    grams, sq, shift = nested_grams(
-        x, order, k, k.amax(-1), segment_bounds(dims, depth), k_top, precision=precision
-    )
+    grams, sq, shift = nested_grams(x, order, k, segment_bounds(dims, depth), k_top, precision=precision)
     gy = grams[:, -1:].expand(batch, widths, k_top, k_top)
     value, bw, stats, rowsums = cka_from_grams(
         grams[:, :widths], gy, k, sq[:, :widths], sq[:, -1:].expand(batch, widths, k_top),
@@ -52,14 +50,13 @@ def backward(
     widths = len(dims)
     k_top = saved.grams.shape[-1]
     gy = saved.grams[:, -1:].expand(batch, widths, k_top, k_top)
-    kmax = k.amax(-1)
     coef = coefficients(
-        saved.grams[:, :widths], gy, k, kmax, saved.bw, saved.stats, saved.rowsums, grad, value,
+        saved.grams[:, :widths], gy, k, saved.bw, saved.stats, saved.rowsums, grad, value,
         kernel=kernel, unbiased=unbiased,
         full_grad=not detach_full,
     )
     return input_grad(
-        x, order, kmax, saved.shift, segment_bounds(dims, depth), coef,
+        x, order, k, saved.shift, segment_bounds(dims, depth), coef,
         n_prefix=widths, full_grad=not detach_full, precision=precision,
     )
 

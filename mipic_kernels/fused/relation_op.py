@@ -86,7 +86,7 @@ def _side(x: torch.Tensor, spans: torch.Tensor, weights: torch.Tensor, n: torch.
     order = torch.arange(max_spans, device=x.device).expand(x.shape[0], max_spans)
     # One column segment read over the entry's n spans; exact fp32 dots ("ieee"): unit
     # vectors of nearly coinciding spans need every bit of the shifted products.
-    gram, _, shift = nested_grams(unit, order, n[:, None], n, (0, x.shape[-1]), max_spans, precision="ieee")
+    gram, _, shift = nested_grams(unit, order, n[:, None], (0, x.shape[-1]), max_spans, precision="ieee")
     return Side(unit, norm, gram, shift)
 
 
@@ -138,7 +138,7 @@ def _to_tokens(
     batch, tokens, depth = x.shape
     max_spans = side.unit.shape[1]
     order = torch.arange(max_spans, device=x.device).expand(batch, max_spans)
-    d_unit = input_grad(side.unit, order, n, side.shift, (0, depth), coef, n_prefix=1, full_grad=False,
+    d_unit = input_grad(side.unit, order, n[:, None], side.shift, (0, depth), coef, n_prefix=1, full_grad=False,
                         precision="ieee")
     radial = (side.unit * d_unit).sum(-1, keepdim=True)
     norm = side.norm[..., None]

@@ -17,15 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rules import cka_value, defined_entries
+from .launch import row_block
 from .tl_utils import centred_tile, distance_tile, load_gram_tile, load_kernel_tile
 
 
-# Elements of one (BM x KP) register tile. With 8 warps the statistics, median and
-# coefficient kernels compile to at most ~200 registers per thread without spills on
-# sm_90 (docs/kernels.md, scripts/kernel_resources.py, KP 16 ... 512).
-_TILE_ELEMENTS = 2048
 NUM_WARPS = 8
+# Entries per program of the epilogue (:func:`_values_kernel`): one program for every
+# benchmarked batch of a few hundred entries or fewer.
+_EPILOGUE_ENTRIES = 128
 
 # Columns of the per-(example, width) statistics record, for torch and (as constexpr
 # globals) for the kernels: the HSIC terms a = <P(K), P(L)>, b = <P(K), P(K)>,
@@ -39,12 +38,6 @@ COL_A, COL_B, COL_C, COL_TOTAL_X, COL_TOTAL_Y, COL_SPREAD_X, COL_SPREAD_Y, COL_S
     tl.constexpr(i) for i in range(N_STATS)
 )
 ROW = tl.constexpr(N_STATS)
-
-
-def row_block(k_top: int) -> tuple[int, int]:
-    """(BM, KP): rows per block and the padded column count for ``k_top`` columns."""
-    kp = max(16, triton.next_power_of_2(k_top))
-    return max(1, min(kp, _TILE_ELEMENTS // kp)), kp
 
 
 @triton.jit
@@ -292,17 +285,66 @@ def bandwidths(
     return out
 
 
+@triton.jit
+def _values_kernel(
+    part_ptr, n_ptr, bw_ptr, stats_ptr, value_ptr, E, RB,
+    RBF: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """The epilogue of ``BLOCK_E`` entries: their statistics (the row-block partials
+    summed in block order) and their values, ``a / sqrt(b c)`` where defined and NaN
+    elsewhere. The definedness rule is :func:`mipic_kernels.rules.defined_entries`
+    operation for operation, in fp32 with correctly rounded square root and division,
+    so both backends mark the same entries NaN (``tests/test_triton.py`` holds the two
+    equal bit for bit)."""
+    entries = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ok = entries < E
+    cols = tl.arange(0, 16)
+    tile_ok = ok[:, None] & (cols < ROW)[None, :]
+    part = part_ptr + entries.to(tl.int64)[:, None] * (RB * ROW) + cols[None, :]
+    stats = tl.zeros([BLOCK_E, 16], dtype=tl.float32)
+    for rb in range(RB):
+        stats += tl.load(part + rb * ROW, mask=tile_ok, other=0.0)
+    tl.store(stats_ptr + entries.to(tl.int64)[:, None] * ROW + cols[None, :], stats, mask=tile_ok)
+    a = tl.sum(tl.where(cols == COL_A, stats, 0.0), axis=1)
+    b = tl.sum(tl.where(cols == COL_B, stats, 0.0), axis=1)
+    c = tl.sum(tl.where(cols == COL_C, stats, 0.0), axis=1)
+    spread_x = tl.sum(tl.where(cols == COL_SPREAD_X, stats, 0.0), axis=1)
+    spread_y = tl.sum(tl.where(cols == COL_SPREAD_Y, stats, 0.0), axis=1)
+    size_x = tl.sum(tl.where(cols == COL_SIZE_X, stats, 0.0), axis=1)
+    size_y = tl.sum(tl.where(cols == COL_SIZE_Y, stats, 0.0), axis=1)
+    n = tl.load(n_ptr + entries, mask=ok, other=0)
+    nf = n.to(tl.float32)
+    bwx = tl.load(bw_ptr + entries * 2, mask=ok, other=1.0)
+    bwy = tl.load(bw_ptr + entries * 2 + 1, mask=ok, other=1.0)
+    tol = nf * 1.1920928955078125e-07  # n times the machine epsilon of float32
+    if RBF:
+        scale_x = nf * nf
+        scale_y = nf * nf
+    else:
+        scale_x = spread_x * spread_x
+        scale_y = spread_y * spread_y
+    defined = (
+        (n >= (4 if UNBIASED else 2))
+        & (tl.abs(bwx) < float("inf")) & (tl.abs(bwy) < float("inf"))
+        & (spread_x > tol * size_x) & (spread_y > tol * size_y)
+        & (b > (tol * tol) * scale_x) & (c > (tol * tol) * scale_y)
+    )
+    value = tl.div_rn(a, tl.sqrt_rn(tl.where(defined, b * c, 1.0)))
+    tl.store(value_ptr + entries, tl.where(defined, value, float("nan")), mask=ok)
+
+
 def hsic_stats(
     gx: torch.Tensor, gy: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor, n: torch.Tensor,
     bw: torch.Tensor, *, kernel: str, unbiased: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Statistics of every entry from the ``(B, W, k, k)`` Gram views ``gx`` and ``gy``
-    and the ``(B, W, k)`` squared norms of their unshifted rows (any strides, e.g. a
-    width stride of 0 for the shared full width).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics and CKA values of every entry from the ``(B, W, k, k)`` Gram views
+    ``gx`` and ``gy`` and the ``(B, W, k)`` squared norms of their unshifted rows (any
+    strides, e.g. a width stride of 0 for the shared full width); ``n (B, W)`` the
+    token counts, ``bw (B, W, 2)`` the bandwidths (contiguous).
 
-    Returns ``stats (B, W, N_STATS)`` fp32 (columns ``A`` ... ``TOTAL_Y``) and the
-    kernel-matrix row sums ``(B, W, 2, k)`` fp32 that the backward pass reuses, written
-    over each entry's ``n`` rows only.
+    Returns ``value (B, W)`` fp32 (NaN where undefined), ``stats (B, W, N_STATS)`` fp32
+    (columns ``A`` ... ``SIZE_Y``) and the kernel-matrix row sums ``(B, W, 2, k)`` fp32
+    that the backward pass reuses, written over each entry's ``n`` rows only.
     """
     batch, widths, size, _ = gx.shape
     bm, kp = row_block(size)
@@ -310,6 +352,8 @@ def hsic_stats(
     f32 = dict(device=gx.device, dtype=torch.float32)
     part = torch.empty(batch, widths, blocks, N_STATS, **f32)
     rowsums = torch.empty(batch, widths, 2, size, **f32)
+    stats = torch.empty(batch, widths, N_STATS, **f32)
+    value = torch.empty(batch, widths, **f32)
     if batch > 0:
         n = n.contiguous()
         grams = (*gx.stride(), *gy.stride())
@@ -321,7 +365,13 @@ def hsic_stats(
             *grams, *sq_x.stride()[:2], *sq_y.stride()[:2], *outputs, **meta,
         )
         _hsic_kernel[grid](gx, gy, n, bw, part, rowsums, widths, blocks, *grams, *outputs, **meta)
-    return part.sum(2), rowsums
+        entries = batch * widths
+        _values_kernel[(triton.cdiv(entries, _EPILOGUE_ENTRIES),)](
+            part, n, bw, stats, value, entries, blocks,
+            RBF=kernel == "rbf", UNBIASED=unbiased, BLOCK_E=_EPILOGUE_ENTRIES, num_warps=4,
+            enable_fp_fusion=False,  # every product rounded on its own, as in torch
+        )
+    return value, stats, rowsums
 
 
 def cka_from_grams(
@@ -335,9 +385,5 @@ def cka_from_grams(
     pass reuses.
     """
     bw = bandwidths(gx, gy, n, kernel=kernel, sigma=sigma, rbf_threshold=rbf_threshold)
-    stats, rowsums = hsic_stats(gx, gy, sq_x, sq_y, n, bw, kernel=kernel, unbiased=unbiased)
-    defined = defined_entries(
-        n.to(torch.float32), stats[..., SPREAD_X], stats[..., SPREAD_Y], stats[..., SIZE_X], stats[..., SIZE_Y],
-        stats[..., B], stats[..., C], torch.isfinite(bw).all(-1), kernel=kernel, unbiased=unbiased,
-    )
-    return cka_value(stats[..., A], stats[..., B], stats[..., C], defined), bw, stats, rowsums
+    value, stats, rowsums = hsic_stats(gx, gy, sq_x, sq_y, n, bw, kernel=kernel, unbiased=unbiased)
+    return value, bw, stats, rowsums

@@ -16,6 +16,16 @@ import triton.language as tl
 
 
 @triton.jit
+def widest_count(n_ptr, b, stride_nb, stride_nw, W):
+    """``max_w n[b, w]``: the rows of example ``b`` that some width selects, from its
+    counts (read in the kernel, so that no launch computes them)."""
+    kmax = tl.load(n_ptr + b * stride_nb)
+    for w in range(1, W):
+        kmax = tl.maximum(kmax, tl.load(n_ptr + b * stride_nb + w * stride_nw))
+    return kmax
+
+
+@triton.jit
 def triangle_tile(t):
     """Tile ``(ti, tj)``, ``ti <= tj``, of index ``t`` in the upper triangle enumerated
     column by column: ``t = tj (tj + 1) / 2 + ti``."""

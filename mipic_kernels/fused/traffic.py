@@ -18,7 +18,8 @@ Conventions:
   split scheme (4 for bf16 halves, 3 for fp16 or tf32 halves), at the rate of their
   operand type; fp32 FMA passes count at the FMA rate. Element-wise work on ``k x k``
   tiles (kernel matrices, centring) is counted at the FMA rate.
-* The small ``(B, W)`` torch epilogue (definedness, ``a / sqrt(bc)``) is left out.
+* The epilogue (the statistics' row-block partials summed, the definedness rule and
+  ``a / sqrt(bc)``, one small kernel) reads the partials and writes ``(B, W)`` records.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from ..rules import segment_bounds
 from ..selection import KSpec, gram_edge, resolve_k
-from .launch import gram_dot, grad_dot
+from .launch import gram_dot, grad_dot, row_block
 
 MODES = ("forward", "backward", "full", "no-grad")
 
@@ -164,9 +165,11 @@ def fused_traffic(
         ]
         if rbf and sigma is None:
             passes.append(Pass("median", block_bytes, batch * widths * 2 * f32, {fma: 5 * 2 * blocks * 4}))
+        partials = batch * widths * math.ceil(k_top / row_block(k_top)[0]) * 9 * f32
         passes += [
-            Pass("rowsum", block_bytes, 2 * float(n.sum()) * f32, {fma: blocks * entry_flops / 2}),
-            Pass("hsic", block_bytes + 2 * float(n.sum()) * f32, 0.0, {fma: blocks * entry_flops}),
+            Pass("rowsum", block_bytes, 2 * float(n.sum()) * f32 + partials * 4 / 9, {fma: blocks * entry_flops / 2}),
+            Pass("hsic", block_bytes + 2 * float(n.sum()) * f32, partials * 5 / 9, {fma: blocks * entry_flops}),
+            Pass("values", partials + batch * widths * (8 + 2 * f32), batch * widths * 10 * f32),
         ]
     if mode in ("backward", "full"):
         coef_slots = widths + (0 if detach_full else 1)
@@ -190,10 +193,11 @@ def fused_traffic(
 
 # Torch operations per call of NestedCKALoss(..., backend="triton")(x, scores="cls",
 # mask=mask) besides the Triton launches, counted by running the loss under the
-# interpreter (tests/test_roofline.py checks them): ranking, per-width counts, the
-# epilogue and the reduction; the same for a count or fractions as k.
-_TORCH_FORWARD = {"linear": 54, "rbf": 53}
-_TORCH_BACKWARD = 7
+# interpreter (tests/test_roofline.py checks them), the same for any widths and for a
+# count or fractions as k: the linear kernel's unit bandwidths (a fill) and the loss's
+# reduction (10) forward, autograd through that reduction (6) backward.
+_TORCH_FORWARD = {"linear": 11, "rbf": 10}
+_TORCH_BACKWARD = 6
 
 
 @dataclass(frozen=True)
@@ -221,7 +225,7 @@ def design_traffic(
     flops = {unit: sum(p.flops.get(unit, 0.0) for p in work.passes) for unit in ("bf16", "tf32", "fp32")}
     launches = len(work.passes)  # every pass is one Triton launch
     if mode != "backward":
-        launches += _TORCH_FORWARD[kernel] + len(dims)
+        launches += _TORCH_FORWARD[kernel]
     if mode in ("backward", "full"):
         launches += _TORCH_BACKWARD
     return Totals(work.bytes, flops["bf16"] + flops["tf32"] / 3, flops["fp32"], launches)
