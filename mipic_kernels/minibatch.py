@@ -3,15 +3,30 @@ accumulated over any number of examples (Nguyen, Raghu & Kornblith 2021)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import api, rules
-from .pairwise import Features, every_pair, layer_stacks, side_statistics, stack_features
+from .pairwise import Features, defined_inputs, layer_stacks, side_statistics, stack_features
 from .selection import accumulation_dtype
 
 MIN_ROWS = 4
+# Minibatches whose statistics wait to be added to the sums: the rule and the per-pair
+# bookkeeping then run once on all of them, not once per (small) minibatch.
+_PENDING = 256
+
+
+class _Minibatch(NamedTuple):
+    """What one minibatch adds, before the rule: the HSIC of every pair of the stack of
+    both sides ``(S, S)`` float64, each input's ``spread``, ``size`` and ``ok``
+    ``(S,)`` (see :class:`mipic_kernels.pairwise.Side`), and its real rows."""
+
+    pairs: torch.Tensor
+    spread: torch.Tensor
+    size: torch.Tensor
+    ok: torch.Tensor
+    rows: int
 
 
 class MinibatchCKA:
@@ -67,12 +82,28 @@ class MinibatchCKA:
 
     def reset(self) -> None:
         """Forget every minibatch."""
-        self.hsic_xy: Optional[torch.Tensor] = None
-        self.hsic_xx: Optional[torch.Tensor] = None
-        self.hsic_yy: Optional[torch.Tensor] = None
+        self._xy: Optional[torch.Tensor] = None
+        self._xx: Optional[torch.Tensor] = None
+        self._yy: Optional[torch.Tensor] = None
+        self._pending: list[_Minibatch] = []
         self.self_map: Optional[bool] = None
         self.batches = 0
         self.rows = 0
+
+    @property
+    def hsic_xy(self) -> Optional[torch.Tensor]:
+        self._fold()
+        return self._xy
+
+    @property
+    def hsic_xx(self) -> Optional[torch.Tensor]:
+        self._fold()
+        return self._xx
+
+    @property
+    def hsic_yy(self) -> Optional[torch.Tensor]:
+        self._fold()
+        return self._yy
 
     @torch.no_grad()
     def update(self, xs: Features, ys: Optional[Features] = None, *, mask: Optional[torch.Tensor] = None) -> None:
@@ -116,45 +147,64 @@ class MinibatchCKA:
         )
         parts = layer_stacks(first) if ys is None else layer_stacks(first, second)
         both = side_statistics(parts, mask, all_pairs=True, **options)  # both sides in one stack
-        cross, a, b = every_pair(both, len(first), self_map=ys is None)
-        cross = torch.where(a.defined[:, None] & b.defined[None, :], cross, torch.zeros_like(cross))
-        scale = rows * (rows - 3)
-        if ys is None:
-            # One side against itself: symmetric, and the self terms are its diagonal,
-            # so every defined diagonal entry of the map is exactly 1.
-            cross = (cross + cross.mT) / 2
-            self.hsic_xx += cross.diagonal().double() / scale
-        else:
-            self.hsic_xx += torch.where(a.defined, a.hsic, torch.zeros_like(a.hsic)).double() / scale
-            self.hsic_yy += torch.where(b.defined, b.hsic, torch.zeros_like(b.hsic)).double() / scale
-        self.hsic_xy += cross.double() / scale
+        self._pending.append(_Minibatch(both.pairs, both.spread, both.size, both.ok, rows))
         self.batches += 1
         self.rows += rows
+        if len(self._pending) >= _PENDING:
+            self._fold()
 
     def compute(self) -> torch.Tensor:
         """The ``(La, Lb)`` float64 CKA map so far; NaN where a layer never had variance."""
-        if self.hsic_xy is None:
+        if self._xy is None:
             raise RuntimeError("MinibatchCKA.compute() needs at least one update()")
-        xx, yy = self.hsic_xx[:, None], self.hsic_yy[None, :]
+        self._fold()
+        xx, yy = self._xx[:, None], self._yy[None, :]
         # Only minibatches where a layer was defined added to its self terms.
-        return rules.cka_value(self.hsic_xy, xx, yy, (xx > 0) & (yy > 0))
+        return rules.cka_value(self._xy, xx, yy, (xx > 0) & (yy > 0))
+
+    def _fold(self) -> None:
+        """Add the waiting minibatches to the sums: per minibatch, every pair's HSIC
+        where both of its layers are defined (else exactly 0), over ``n (n - 3)``."""
+        if not self._pending:
+            return
+        waiting = _Minibatch(*(torch.stack(field) if isinstance(field[0], torch.Tensor) else field
+                               for field in zip(*self._pending)))
+        self._pending = []
+        rows = torch.tensor(waiting.rows, dtype=torch.float64, device=waiting.pairs.device)
+        hsic = waiting.pairs.diagonal(dim1=-2, dim2=-1)
+        defined = defined_inputs(rows[:, None], waiting.spread, waiting.size, hsic, waiting.ok,
+                                 kernel=self.kernel, unbiased=True)
+        kept = defined[:, :, None] & defined[:, None, :]
+        scale = (rows * (rows - 3))[:, None, None]
+        total = torch.where(kept, waiting.pairs, torch.zeros_like(waiting.pairs)).div(scale).sum(0)
+        first = self._xy.shape[0]
+        if self.self_map:
+            # One side against itself: symmetric, and the self terms are its diagonal,
+            # so every defined diagonal entry of the map is exactly 1.
+            total = (total + total.mT) / 2
+            self._xy += total
+            self._xx += total.diagonal()
+        else:
+            self._xy += total[:first, first:]
+            self._xx += total.diagonal()[:first]
+            self._yy += total.diagonal()[first:]
 
     def _check_layout(self, layers_x: int, layers_y: int, self_map: bool, device: torch.device) -> None:
-        if self.hsic_xy is not None:
-            if device != self.hsic_xy.device:
-                raise ValueError(f"every update must be on the device of the first ({self.hsic_xy.device}); got {device}")
+        if self._xy is not None:
+            if device != self._xy.device:
+                raise ValueError(f"every update must be on the device of the first ({self._xy.device}); got {device}")
             if self_map != self.self_map:
                 said = "without ys (a self map)" if self.self_map else "with ys"
                 raise ValueError(f"every update must be {said}, like the first one")
-            if (layers_x, layers_y) != tuple(self.hsic_xy.shape):
+            if (layers_x, layers_y) != tuple(self._xy.shape):
                 raise ValueError(
-                    f"every update must have the layer counts of the first, {tuple(self.hsic_xy.shape)}; "
+                    f"every update must have the layer counts of the first, {tuple(self._xy.shape)}; "
                     f"got ({layers_x}, {layers_y})"
                 )
             return
         self.self_map = self_map
         f64 = dict(dtype=torch.float64, device=device)
-        self.hsic_xy = torch.zeros(layers_x, layers_y, **f64)
-        self.hsic_xx = torch.zeros(layers_x, **f64)
-        self.hsic_yy = self.hsic_xx if self_map else torch.zeros(layers_y, **f64)
+        self._xy = torch.zeros(layers_x, layers_y, **f64)
+        self._xx = torch.zeros(layers_x, **f64)
+        self._yy = self._xx if self_map else torch.zeros(layers_y, **f64)
 

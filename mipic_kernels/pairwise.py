@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -47,19 +48,47 @@ class Side:
 
     ``upper`` ``(*, n, n)``: the strictly upper part of the kernel matrix (zero on and
     below the diagonal); ``diagonal`` ``(*, n)`` and ``rows`` ``(*, n)``: its diagonal
-    and its row sums without the diagonal, float64; ``count`` ``(*)``: real rows;
-    ``hsic`` ``(*)``: self-HSIC; ``defined`` ``(*)``: whether the input has enough rows
-    and variance (the reference's rule, applied to one side); ``pairs``: the HSIC of
-    every pair in the stack ``(S, S, *)`` when asked for, else None.
+    and its row sums without the diagonal, float64; ``count``: real rows, ``(*)``, or a
+    float when every row is real (so that the estimators' arithmetic on it stays on
+    the host); ``hsic`` ``(*)``: self-HSIC; ``spread``, ``size`` ``(*)`` and ``ok``
+    ``(*)`` bool: what the reference's rule judges variance and the bandwidth by
+    (see :func:`defined_inputs`); ``pairs``: the HSIC of every pair in the stack
+    ``(S, S, *)`` when asked for, else None.
     """
 
     upper: torch.Tensor
     diagonal: torch.Tensor
     rows: torch.Tensor
-    count: torch.Tensor
+    count: Union[float, torch.Tensor]
     hsic: torch.Tensor
-    defined: torch.Tensor
+    spread: torch.Tensor
+    size: torch.Tensor
+    ok: torch.Tensor
+    kernel: str
+    unbiased: bool
     pairs: Optional[torch.Tensor] = None
+
+    @property
+    def defined(self) -> torch.Tensor:
+        """Whether each input has enough rows and variance (bool ``(*)``)."""
+        return defined_inputs(self.count, self.spread, self.size, self.hsic, self.ok,
+                              kernel=self.kernel, unbiased=self.unbiased)
+
+
+def defined_inputs(
+    count: Union[float, torch.Tensor],
+    spread: torch.Tensor,
+    size: torch.Tensor,
+    hsic: torch.Tensor,
+    ok: torch.Tensor,
+    *,
+    kernel: str,
+    unbiased: bool,
+) -> torch.Tensor:
+    """The reference's rule (:func:`rules.defined_entries`) for each input against
+    itself; a pair is defined when both of its inputs are. Arguments broadcast."""
+    n = torch.as_tensor(count, dtype=spread.dtype, device=spread.device)
+    return rules.defined_entries(n, spread, spread, size, size, hsic, hsic, ok, kernel=kernel, unbiased=unbiased)
 
 
 def side_statistics(
@@ -83,8 +112,7 @@ def side_statistics(
     rows = None if mask is None else mask.to(dtype)
     upper, diagonal, mean_square = _shifted_grams(parts, rows, dtype)
     if rows is None:
-        count = torch.full(upper.shape[:-2], float(upper.shape[-1]), dtype=dtype, device=upper.device)
-        pair = None
+        count, pair = float(upper.shape[-1]), None
     else:
         count = rows.sum(-1).expand(upper.shape[:-2])
         pair = rows[..., :, None] * rows[..., None, :]
@@ -93,28 +121,26 @@ def side_statistics(
         # sum_i |z_i - mean|^2; the Gram's total is ~0 after the shift, and subtracting
         # it corrects for the shift's rounding as the reference does.
         trace = diagonal.sum(-1)
-        spread = trace - (row_sums.sum(-1) + trace) / count.clamp(min=1)
+        spread = trace - (row_sums.sum(-1) + trace) / _at_least(count, 1)
         # sum_i |x_i|^2 of the unshifted real rows, the scale "no variance" is judged
         # against: the spread plus n |mean|^2.
         size = trace + count * mean_square
     if kernel == "linear":
-        ok = torch.ones_like(count, dtype=torch.bool)
+        ok = torch.ones(upper.shape[:-2], dtype=torch.bool, device=upper.device)
     else:
         upper, diagonal, ok = _rbf_kernel(upper, diagonal, rows, pair, count, sigma, rbf_threshold)
         row_sums = _hollow_row_sums(upper)
     f64 = torch.float64
-    diagonal, row_sums, count64 = diagonal.to(f64), row_sums.to(f64), count.to(f64)
+    diagonal, row_sums = diagonal.to(f64), row_sums.to(f64)
+    count = count if rows is None else count.to(f64)
     if all_pairs:
-        pairs = _estimate(_inner(upper, all_pairs=True), diagonal[:, None], row_sums[:, None],
-                          diagonal[None], row_sums[None], count64[:, None], unbiased)
+        pairs = _estimate(_inner(upper, all_pairs=True), diagonal, row_sums, diagonal, row_sums,
+                          count if rows is None else count[:, None], unbiased, all_pairs=True)
         hsic = torch.diagonal(pairs, dim1=0, dim2=1).movedim(-1, 0)
     else:
         pairs = None
-        hsic = _estimate(_inner(upper), diagonal, row_sums, diagonal, row_sums, count64, unbiased)
-
-    # The reference's rule (one side against itself).
-    defined = rules.defined_entries(count, spread, spread, size, size, hsic, hsic, ok, kernel=kernel, unbiased=unbiased)
-    return Side(upper, diagonal, row_sums, count64, hsic, defined, pairs)
+        hsic = _estimate(_inner(upper), diagonal, row_sums, diagonal, row_sums, count, unbiased)
+    return Side(upper, diagonal, row_sums, count, hsic, spread, size, ok, kernel, unbiased, pairs)
 
 
 def pair_hsic(inner: torch.Tensor, a: Side, b: Side, unbiased: bool) -> torch.Tensor:
@@ -135,19 +161,35 @@ def _estimate(
     rows_a: torch.Tensor,
     diagonal_b: torch.Tensor,
     rows_b: torch.Tensor,
-    count: torch.Tensor,
+    count: Union[float, torch.Tensor],
     unbiased: bool,
+    *,
+    all_pairs: bool = False,
 ) -> torch.Tensor:
     """Song et al.'s formula times ``n (n - 3)`` (unbiased) or ``<H K H, H L H>``
     expanded (biased), from ``inner = 2 <upper_K, upper_L>``, the diagonals and the
-    row sums without the diagonal; float64, arguments broadcast."""
-    dot = functools.partial(torch.einsum, "...i,...i->...")
+    row sums without the diagonal; float64, arguments broadcast. ``all_pairs``: the
+    ``a`` and ``b`` statistics are ``(S, *, n)`` and every pair along their first dim
+    is wanted, ``(S, S, *)`` (matrix products instead of broadcast ones)."""
+    if all_pairs:
+        def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return (u.movedim(0, -2) @ v.movedim(0, -2).mT).movedim((-2, -1), (0, 1))
+
+        def times(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return u[:, None] * v[None]
+    else:
+        dot, times = functools.partial(torch.einsum, "...i,...i->..."), operator.mul
     if unbiased:
-        n = torch.where(count >= 4, count, torch.full_like(count, 4))
-        return inner + rows_a.sum(-1) * rows_b.sum(-1) / ((n - 1) * (n - 2)) - 2 * dot(rows_a, rows_b) / (n - 2)
-    n = count.clamp(min=1)
+        n = _at_least(count, 4)
+        return inner + times(rows_a.sum(-1), rows_b.sum(-1)) / ((n - 1) * (n - 2)) - 2 * dot(rows_a, rows_b) / (n - 2)
+    n = _at_least(count, 1)
     full_a, full_b = rows_a + diagonal_a, rows_b + diagonal_b
-    return inner + dot(diagonal_a, diagonal_b) - 2 * dot(full_a, full_b) / n + full_a.sum(-1) * full_b.sum(-1) / n.square()
+    return inner + dot(diagonal_a, diagonal_b) - 2 * dot(full_a, full_b) / n + times(full_a.sum(-1), full_b.sum(-1)) / (n * n)
+
+
+def _at_least(count: Union[float, torch.Tensor], low: int) -> Union[float, torch.Tensor]:
+    # Only keeps the arithmetic finite: the rule leaves entries with fewer rows undefined.
+    return count.clamp(min=low) if isinstance(count, torch.Tensor) else max(count, low)
 
 
 def layer_stacks(*sides: Features) -> list[torch.Tensor]:
@@ -169,7 +211,9 @@ def layer_stacks(*sides: Features) -> list[torch.Tensor]:
 
 def take(s: Side, index: object) -> Side:
     """``s`` indexed along its leading dims (``pairs`` dropped)."""
-    return Side(s.upper[index], s.diagonal[index], s.rows[index], s.count[index], s.hsic[index], s.defined[index])
+    count = s.count[index] if isinstance(s.count, torch.Tensor) else s.count
+    return Side(s.upper[index], s.diagonal[index], s.rows[index], count, s.hsic[index], s.spread[index],
+                s.size[index], s.ok[index], s.kernel, s.unbiased)
 
 
 def every_pair(both: Side, first: int, self_map: bool) -> tuple[torch.Tensor, Side, Side]:
@@ -428,13 +472,14 @@ def _rbf_kernel(
     diagonal: torch.Tensor,
     rows: Optional[torch.Tensor],
     pair: Optional[torch.Tensor],
-    count: torch.Tensor,
+    count: Union[float, torch.Tensor],
     sigma: Optional[float],
     rbf_threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The RBF kernel matrix of a Gram given as (strictly upper part, diagonal), in the
     same form and zero outside the real rows, and a usable-bandwidth flag."""
     n = upper.shape[-1]
+    count = torch.as_tensor(count, dtype=upper.dtype, device=upper.device).expand(upper.shape[:-2])
     strict = torch.ones(n, n, dtype=torch.bool, device=upper.device).triu(1)
     if pair is not None:
         strict = strict & (pair > 0)
