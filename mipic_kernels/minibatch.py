@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import api, rules
-from .pairwise import Features, defined_inputs, layer_stacks, side_statistics, stack_features
+from .pairwise import Features, check_finite, defined_inputs, layer_stacks, side_statistics, stack_features
 from .selection import accumulation_dtype
 
 MIN_ROWS = 4
@@ -118,8 +118,8 @@ class MinibatchCKA:
                 formed once). Every update must say the same.
             mask: optional ``(n,)`` bool tensor, True for the rows to use.
         """
-        first = stack_features("xs", xs)
-        second = first if ys is None else stack_features("ys", ys)
+        first = stack_features("xs", xs, check_values=False)
+        second = first if ys is None else stack_features("ys", ys, check_values=False)
         x0, y0 = first[0], second[0]
         if x0.dim() != 2:
             raise ValueError(f"xs must hold (n, p) layers, one row per example; got a layer of shape {tuple(x0.shape)}")
@@ -139,7 +139,6 @@ class MinibatchCKA:
             raise ValueError(
                 f"a minibatch needs at least {MIN_ROWS} rows for the unbiased HSIC; got {rows}"
             )
-        self._check_layout(len(first), len(second), ys is None, x0.device)
 
         options = dict(
             kernel=self.kernel, unbiased=True, sigma=self.sigma, rbf_threshold=self.rbf_threshold,
@@ -147,6 +146,12 @@ class MinibatchCKA:
         )
         parts = layer_stacks(first) if ys is None else layer_stacks(first, second)
         both = side_statistics(parts, mask, all_pairs=True, **options)  # both sides in one stack
+        if not bool(torch.isfinite(both.pairs).all()):
+            # NaN or inf in the features reaches every pair: name the input (finite
+            # features whose products overflow pass, as in cka_matrix).
+            check_finite("xs", first)
+            check_finite("ys", second)
+        self._check_layout(len(first), len(second), ys is None, x0.device)
         self._pending.append(_Minibatch(both.pairs, both.spread, both.size, both.ok, rows))
         self.batches += 1
         self.rows += rows
