@@ -172,16 +172,14 @@ class MinibatchCKA:
         where both of its layers are defined (else exactly 0), over ``n (n - 3)``."""
         if not self._pending:
             return
-        waiting = _Minibatch(*(torch.stack(field) if isinstance(field[0], torch.Tensor) else field
-                               for field in zip(*self._pending)))
+        pairs, spread, size, ok = (torch.stack(field) for field in list(zip(*self._pending))[:4])
+        rows = [batch.rows for batch in self._pending]
         self._pending = []
-        rows = torch.tensor(waiting.rows, dtype=torch.float64, device=waiting.pairs.device)
-        hsic = waiting.pairs.diagonal(dim1=-2, dim2=-1)
-        defined = defined_inputs(rows[:, None], waiting.spread, waiting.size, hsic, waiting.ok,
+        count = torch.tensor(rows, dtype=spread.dtype, device=pairs.device)[:, None]
+        defined = defined_inputs(count, spread, size, pairs.diagonal(dim1=-2, dim2=-1), ok,
                                  kernel=self.kernel, unbiased=True)
-        kept = defined[:, :, None] & defined[:, None, :]
-        scale = (rows * (rows - 3))[:, None, None]
-        total = torch.where(kept, waiting.pairs, torch.zeros_like(waiting.pairs)).div(scale).sum(0)
+        scale = torch.tensor([n * (n - 3) for n in rows], dtype=torch.float64, device=pairs.device)
+        total = pairs.where(defined[:, :, None] & defined[:, None, :], 0.0).div(scale[:, None, None]).sum(0)
         first = self._xy.shape[0]
         if self.self_map:
             # One side against itself: symmetric, and the self terms are its diagonal,
