@@ -9,6 +9,7 @@ import torch
 
 from . import api, rules
 from .pairwise import Features, check_finite, defined_inputs, layer_stacks, side_statistics, stack_features
+from .scratch import Scratch
 from .selection import accumulation_dtype
 
 MIN_ROWS = 4
@@ -86,6 +87,7 @@ class MinibatchCKA:
         self._xx: Optional[torch.Tensor] = None
         self._yy: Optional[torch.Tensor] = None
         self._pending: list[_Minibatch] = []
+        self._scratch = Scratch()
         self.self_map: Optional[bool] = None
         self.batches = 0
         self.rows = 0
@@ -145,7 +147,7 @@ class MinibatchCKA:
             dtype=accumulation_dtype(x0.dtype),
         )
         parts = layer_stacks(first) if ys is None else layer_stacks(first, second)
-        both = side_statistics(parts, mask, all_pairs=True, **options)  # both sides in one stack
+        both = side_statistics(parts, mask, all_pairs=True, scratch=self._scratch, **options)  # both sides in one stack
         if not bool(torch.isfinite(both.pairs).all()):
             # NaN or inf in the features reaches every pair: name the input (finite
             # features whose products overflow pass, as in cka_matrix).

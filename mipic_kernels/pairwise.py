@@ -37,6 +37,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import api, rules
+from .scratch import Scratch
 from .selection import accumulation_dtype
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -101,16 +102,18 @@ def side_statistics(
     rbf_threshold: float,
     dtype: torch.dtype,
     all_pairs: bool = False,
+    scratch: Optional[Scratch] = None,
 ) -> Side:
     """:class:`Side` of inputs stacked along a first dim: ``parts`` are ``(L_i, *, n,
     p_i)`` tensors (widths may differ between parts), giving leading dims
     ``(S, *)`` with ``S = sum L_i``; every step after the Grams runs once on the whole
     stack. ``mask`` ``(*, n)`` bool broadcasts against ``*``; None means every row is
     real. ``all_pairs`` also takes the HSIC of every pair in the stack (one matrix
-    product per row block, self terms included).
-    Arguments are assumed validated."""
+    product per row block, self terms included). ``scratch``: buffers for the largest
+    intermediates, reused from call to call (no autograd then; the result's ``upper``
+    lives in them until the next call). Arguments are assumed validated."""
     rows = None if mask is None else mask.to(dtype)
-    upper, diagonal, mean_square = _shifted_grams(parts, rows, dtype)
+    upper, diagonal, mean_square = _shifted_grams(parts, rows, dtype, scratch)
     if rows is None:
         count, pair = float(upper.shape[-1]), None
     else:
@@ -134,7 +137,7 @@ def side_statistics(
     diagonal, row_sums = diagonal.to(f64), row_sums.to(f64)
     count = count if rows is None else count.to(f64)
     if all_pairs:
-        pairs = _estimate(_inner(upper, all_pairs=True), diagonal, row_sums, diagonal, row_sums,
+        pairs = _estimate(_inner(upper, all_pairs=True, scratch=scratch), diagonal, row_sums, diagonal, row_sums,
                           count if rows is None else count[:, None], unbiased, all_pairs=True)
         hsic = torch.diagonal(pairs, dim1=0, dim2=1).movedim(-1, 0)
     else:
@@ -406,39 +409,45 @@ def _gram_block(n: int) -> int:
 
 
 def _shifted_grams(
-    parts: Sequence[torch.Tensor], rows: Optional[torch.Tensor], dtype: torch.dtype
+    parts: Sequence[torch.Tensor], rows: Optional[torch.Tensor], dtype: torch.dtype, scratch: Optional[Scratch]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Gram of every input of the ``(L_i, *, n, p_i)`` parts, its rows shifted by
     their mean over the real rows (padding rows zeroed) as
     :func:`reference._centred_gram` forms it, stacked ``(sum L_i, *, n, n)`` as its
     strictly upper part and its diagonal; and ``|mean|^2`` of each input.
 
-    Only the row blocks on and above the diagonal are multiplied: about ``(b + 1) / 2b``
-    of the multiply-adds for ``b`` blocks. Each part is shifted and multiplied in
-    batched products, straight into the stacked result, over rows padded with zeros to
-    a multiple of ``_ROW_ALIGN`` (zero rows add nothing; the views returned leave them
-    out).
+    Consecutive parts of one width are shifted into one stack, followed by zero rows
+    up to a multiple of ``_ROW_ALIGN`` (zero rows add nothing; the views returned
+    leave them out), and multiplied in batched products straight into the stacked
+    result. Only the row blocks on and above the diagonal are multiplied: about
+    ``(b + 1) / 2b`` of the multiply-adds for ``b`` blocks. With ``scratch``, the
+    shifted features and the Grams are written into its buffers.
     """
     lead = torch.broadcast_shapes(*(t.shape[1:-2] for t in parts), () if rows is None else rows.shape[:-1])
     n = parts[0].shape[-2]
     padded = -(-n // _ROW_ALIGN) * _ROW_ALIGN
     block = _gram_block(padded)
-    total = sum(t.shape[0] for t in parts)
-    gram = torch.empty(total, *lead, padded, padded, dtype=dtype, device=parts[0].device)
+    device = parts[0].device
+    gram = _buffer(scratch, "gram", (sum(t.shape[0] for t in parts), *lead, padded, padded), dtype, device)
+    weights = None if rows is None else rows[..., None]
     means, start = [], 0
-    for t in parts:
-        z, out = t.to(dtype), gram[start:start + t.shape[0]]
-        start += t.shape[0]
-        if rows is None:
-            mean = z.mean(-2, keepdim=True)
-            shifted = z - mean
-        else:
-            weights = rows[..., None]
-            mean = (z * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
-            shifted = (z - mean) * weights
-        means.append(mean.square().sum((-2, -1)).expand(t.shape[0], *lead))
-        shifted = torch.nn.functional.pad(shifted, (0, 0, 0, padded - n)) if padded > n else shifted
-        shifted = shifted.expand(t.shape[0], *lead, padded, z.shape[-1])
+    for g, group in enumerate(_same_width_runs(parts)):
+        layers = sum(t.shape[0] for t in group)
+        shifted = _buffer(scratch, f"shifted{g}", (layers, *lead, padded, group[0].shape[-1]), dtype, device)
+        at = 0
+        for t in group:
+            z = t.to(dtype)
+            if weights is None:
+                mean = z.mean(-2, keepdim=True)
+            else:
+                mean = (z * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
+            means.append(mean.square().sum((-2, -1)).expand(t.shape[0], *lead))
+            _write_shift(shifted[at:at + t.shape[0], ..., :n, :], z, mean, weights, in_place=scratch is not None)
+            at += t.shape[0]
+        if padded > n:
+            shifted[..., n:, :] = 0
+        out = gram[start:start + layers]
+        start += layers
         for lo in range(0, padded, block):
             hi = min(lo + block, padded)
             # Product then copy: matmul(out=) into this strided block is several times
@@ -449,11 +458,46 @@ def _shifted_grams(
     return gram.triu_(1), diagonal, torch.cat(means).detach()
 
 
-# Rows of the kernel matrices converted to float64 at a time by _inner.
-_INNER_BLOCK = 128
+def _same_width_runs(parts: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``parts`` in runs of consecutive parts with one width, each run shifted into
+    one stack and multiplied with one product per row block."""
+    runs: list[list[torch.Tensor]] = []
+    for t in parts:
+        if runs and runs[-1][0].shape[-1] == t.shape[-1]:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
 
 
-def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, all_pairs: bool = False) -> torch.Tensor:
+def _buffer(
+    scratch: Optional[Scratch], name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device) if scratch is None else scratch.take(name, shape, dtype, device)
+
+
+def _write_shift(
+    into: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, weights: Optional[torch.Tensor], *, in_place: bool
+) -> None:
+    """``into = (z - mean) * weights`` (``weights`` None: 1), broadcast to ``into``:
+    ``in_place`` (for scratch buffers) writes with ``out=`` and in-place operations,
+    which allocate nothing but which autograd does not follow; otherwise the result
+    is copied in, and autograd records the copy."""
+    if not in_place:
+        into.copy_(z - mean if weights is None else (z - mean) * weights)
+        return
+    torch.sub(z.expand(into.shape), mean, out=into)
+    if weights is not None:
+        into.mul_(weights)
+
+
+def _INNER_BLOCK(n: int) -> int:
+    return min(128, _gram_block(n))
+
+
+def _inner(
+    a: torch.Tensor, b: Optional[torch.Tensor] = None, *, all_pairs: bool = False, scratch: Optional[Scratch] = None
+) -> torch.Tensor:
     """``2 <a, b>`` in float64 for strictly upper ``(*, n, n)`` matrices whose leading
     dims broadcast (one batched product per row block: the broadcast is never
     materialised); ``b=None`` gives ``2 <a, a>``, or with ``all_pairs`` the ``(S, S, *)``
@@ -461,19 +505,24 @@ def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, all_pairs: bool
 
     Every HSIC is a sum of ``n^2`` products: summed in float32, that sum alone loses
     more than all the other steps together (a CKA error of 3e-6 against 6e-10 at
-    ``n = 512``). Converting a block of rows at a time keeps the float64 copies small.
+    ``n = 512``). Converting a block of rows at a time keeps the float64 copies small
+    (and, with ``scratch``, in one reused buffer).
     """
     n = a.shape[-1]
     if n == 0:
         lead = (a.shape[0], *a.shape[:-2]) if all_pairs else a.shape[:-2]
         lead = lead if b is None else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         return torch.zeros(lead, dtype=torch.float64, device=a.device)
-    step = n if a.dtype == torch.float64 else _INNER_BLOCK
+    step = n if a.dtype == torch.float64 else _INNER_BLOCK(n)
     parts = []
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         # Columns left of lo are zero in these rows (strictly upper matrices).
-        block = a[..., lo:hi, lo:].to(torch.float64)
+        block = a[..., lo:hi, lo:]
+        if block.dtype == torch.float64 or scratch is None:
+            block = block.to(torch.float64)
+        else:
+            block = scratch.take("inner", block.shape, torch.float64, block.device).copy_(block)
         if all_pairs:
             # (*, S, rows * columns) times its transpose: no copy of the block.
             flat = block.movedim(0, -3).flatten(-2)
