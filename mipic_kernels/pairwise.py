@@ -423,7 +423,9 @@ def _shifted_grams(
     ``(b + 1) / 2b`` of the multiply-adds for ``b`` blocks. With ``scratch``, the
     shifted features and the Grams are written into its buffers.
     """
-    lead = torch.broadcast_shapes(*(t.shape[1:-2] for t in parts), () if rows is None else rows.shape[:-1])
+    shapes = [t.shape[1:-2] for t in parts] + ([] if rows is None else [rows.shape[:-1]])
+    # torch.broadcast_shapes takes as long as a small operation: only when needed.
+    lead = shapes[0] if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
     n = parts[0].shape[-2]
     padded = -(-n // _ROW_ALIGN) * _ROW_ALIGN
     block = _gram_block(padded)
@@ -491,7 +493,10 @@ def _write_shift(
         into.mul_(weights)
 
 
-def _INNER_BLOCK(n: int) -> int:
+def _inner_block(n: int) -> int:
+    """Rows of the kernel matrices converted to float64 at a time by :func:`_inner`:
+    the Gram's row blocks (the products then skip the zero blocks below the diagonal),
+    at most 128 (the float64 copies stay small)."""
     return min(128, _gram_block(n))
 
 
@@ -513,7 +518,7 @@ def _inner(
         lead = (a.shape[0], *a.shape[:-2]) if all_pairs else a.shape[:-2]
         lead = lead if b is None else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         return torch.zeros(lead, dtype=torch.float64, device=a.device)
-    step = n if a.dtype == torch.float64 else _INNER_BLOCK(n)
+    step = n if a.dtype == torch.float64 else _inner_block(n)
     parts = []
     for lo in range(0, n, step):
         hi = min(lo + step, n)
