@@ -65,8 +65,13 @@ class MinibatchCKA:
     Attributes:
         hsic_xy, hsic_xx, hsic_yy: the float64 sums ``(La, Lb)``, ``(La,)``, ``(Lb,)``
             (None before the first update); sums from disjoint data, e.g. other
-            processes, add up to the sums of their union.
+            processes, add up to the sums of their union. Up to 256 minibatches wait
+            to be added, in one pass, until the sums are read or :meth:`compute` runs.
         batches, rows: minibatches and rows seen.
+
+    Between updates it keeps its largest intermediates (the shifted features, the
+    Grams and their float64 blocks, up to 8 MiB each) for the next minibatch;
+    :meth:`reset` releases them.
 
     Example::
 
