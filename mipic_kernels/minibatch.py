@@ -3,15 +3,31 @@ accumulated over any number of examples (Nguyen, Raghu & Kornblith 2021)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import api, rules
-from .pairwise import Features, every_pair, layer_stacks, side_statistics, stack_features
+from .pairwise import Features, check_finite, defined_inputs, layer_stacks, side_statistics, stack_features
+from .scratch import Scratch
 from .selection import accumulation_dtype
 
 MIN_ROWS = 4
+# Minibatches whose statistics wait to be added to the sums: the rule and the per-pair
+# bookkeeping then run once on all of them, not once per (small) minibatch.
+_PENDING = 256
+
+
+class _Minibatch(NamedTuple):
+    """What one minibatch adds, before the rule: the HSIC of every pair of the stack of
+    both sides ``(S, S)`` float64, each input's ``spread``, ``size`` and ``ok``
+    ``(S,)`` (see :class:`mipic_kernels.pairwise.Side`), and its real rows."""
+
+    pairs: torch.Tensor
+    spread: torch.Tensor
+    size: torch.Tensor
+    ok: torch.Tensor
+    rows: int
 
 
 class MinibatchCKA:
@@ -49,8 +65,13 @@ class MinibatchCKA:
     Attributes:
         hsic_xy, hsic_xx, hsic_yy: the float64 sums ``(La, Lb)``, ``(La,)``, ``(Lb,)``
             (None before the first update); sums from disjoint data, e.g. other
-            processes, add up to the sums of their union.
+            processes, add up to the sums of their union. Up to 256 minibatches wait
+            to be added, in one pass, until the sums are read or :meth:`compute` runs.
         batches, rows: minibatches and rows seen.
+
+    Between updates it keeps its largest intermediates (the shifted features, the
+    Grams and their float64 blocks, up to 8 MiB each) for the next minibatch;
+    :meth:`reset` releases them.
 
     Example::
 
@@ -67,12 +88,29 @@ class MinibatchCKA:
 
     def reset(self) -> None:
         """Forget every minibatch."""
-        self.hsic_xy: Optional[torch.Tensor] = None
-        self.hsic_xx: Optional[torch.Tensor] = None
-        self.hsic_yy: Optional[torch.Tensor] = None
+        self._xy: Optional[torch.Tensor] = None
+        self._xx: Optional[torch.Tensor] = None
+        self._yy: Optional[torch.Tensor] = None
+        self._pending: list[_Minibatch] = []
+        self._scratch = Scratch()
         self.self_map: Optional[bool] = None
         self.batches = 0
         self.rows = 0
+
+    @property
+    def hsic_xy(self) -> Optional[torch.Tensor]:
+        self._fold()
+        return self._xy
+
+    @property
+    def hsic_xx(self) -> Optional[torch.Tensor]:
+        self._fold()
+        return self._xx
+
+    @property
+    def hsic_yy(self) -> Optional[torch.Tensor]:
+        self._fold()
+        return self._yy
 
     @torch.no_grad()
     def update(self, xs: Features, ys: Optional[Features] = None, *, mask: Optional[torch.Tensor] = None) -> None:
@@ -87,8 +125,8 @@ class MinibatchCKA:
                 formed once). Every update must say the same.
             mask: optional ``(n,)`` bool tensor, True for the rows to use.
         """
-        first = stack_features("xs", xs)
-        second = first if ys is None else stack_features("ys", ys)
+        first = stack_features("xs", xs, check_values=False)
+        second = first if ys is None else stack_features("ys", ys, check_values=False)
         x0, y0 = first[0], second[0]
         if x0.dim() != 2:
             raise ValueError(f"xs must hold (n, p) layers, one row per example; got a layer of shape {tuple(x0.shape)}")
@@ -108,53 +146,75 @@ class MinibatchCKA:
             raise ValueError(
                 f"a minibatch needs at least {MIN_ROWS} rows for the unbiased HSIC; got {rows}"
             )
-        self._check_layout(len(first), len(second), ys is None, x0.device)
 
         options = dict(
             kernel=self.kernel, unbiased=True, sigma=self.sigma, rbf_threshold=self.rbf_threshold,
             dtype=accumulation_dtype(x0.dtype),
         )
         parts = layer_stacks(first) if ys is None else layer_stacks(first, second)
-        both = side_statistics(parts, mask, all_pairs=True, **options)  # both sides in one stack
-        cross, a, b = every_pair(both, len(first), self_map=ys is None)
-        cross = torch.where(a.defined[:, None] & b.defined[None, :], cross, torch.zeros_like(cross))
-        scale = rows * (rows - 3)
-        if ys is None:
-            # One side against itself: symmetric, and the self terms are its diagonal,
-            # so every defined diagonal entry of the map is exactly 1.
-            cross = (cross + cross.mT) / 2
-            self.hsic_xx += cross.diagonal().double() / scale
-        else:
-            self.hsic_xx += torch.where(a.defined, a.hsic, torch.zeros_like(a.hsic)).double() / scale
-            self.hsic_yy += torch.where(b.defined, b.hsic, torch.zeros_like(b.hsic)).double() / scale
-        self.hsic_xy += cross.double() / scale
+        both = side_statistics(parts, mask, all_pairs=True, scratch=self._scratch, **options)  # both sides in one stack
+        if not bool(torch.isfinite(both.pairs).all()):
+            # NaN or inf in the features reaches every pair: name the input (finite
+            # features whose products overflow pass, as in cka_matrix).
+            check_finite("xs", first)
+            check_finite("ys", second)
+        self._check_layout(len(first), len(second), ys is None, x0.device)
+        self._pending.append(_Minibatch(both.pairs, both.spread, both.size, both.ok, rows))
         self.batches += 1
         self.rows += rows
+        if len(self._pending) >= _PENDING:
+            self._fold()
 
     def compute(self) -> torch.Tensor:
         """The ``(La, Lb)`` float64 CKA map so far; NaN where a layer never had variance."""
-        if self.hsic_xy is None:
+        if self._xy is None:
             raise RuntimeError("MinibatchCKA.compute() needs at least one update()")
-        xx, yy = self.hsic_xx[:, None], self.hsic_yy[None, :]
+        self._fold()
+        xx, yy = self._xx[:, None], self._yy[None, :]
         # Only minibatches where a layer was defined added to its self terms.
-        return rules.cka_value(self.hsic_xy, xx, yy, (xx > 0) & (yy > 0))
+        return rules.cka_value(self._xy, xx, yy, (xx > 0) & (yy > 0))
+
+    def _fold(self) -> None:
+        """Add the waiting minibatches to the sums: per minibatch, every pair's HSIC
+        where both of its layers are defined (else exactly 0), over ``n (n - 3)``."""
+        if not self._pending:
+            return
+        pairs, spread, size, ok = (torch.stack(field) for field in list(zip(*self._pending))[:4])
+        rows = [batch.rows for batch in self._pending]
+        self._pending = []
+        count = torch.tensor(rows, dtype=spread.dtype, device=pairs.device)[:, None]
+        defined = defined_inputs(count, spread, size, pairs.diagonal(dim1=-2, dim2=-1), ok,
+                                 kernel=self.kernel, unbiased=True)
+        scale = torch.tensor([n * (n - 3) for n in rows], dtype=torch.float64, device=pairs.device)
+        total = pairs.where(defined[:, :, None] & defined[:, None, :], 0.0).div(scale[:, None, None]).sum(0)
+        first = self._xy.shape[0]
+        if self.self_map:
+            # One side against itself: symmetric, and the self terms are its diagonal,
+            # so every defined diagonal entry of the map is exactly 1.
+            total = (total + total.mT) / 2
+            self._xy += total
+            self._xx += total.diagonal()
+        else:
+            self._xy += total[:first, first:]
+            self._xx += total.diagonal()[:first]
+            self._yy += total.diagonal()[first:]
 
     def _check_layout(self, layers_x: int, layers_y: int, self_map: bool, device: torch.device) -> None:
-        if self.hsic_xy is not None:
-            if device != self.hsic_xy.device:
-                raise ValueError(f"every update must be on the device of the first ({self.hsic_xy.device}); got {device}")
+        if self._xy is not None:
+            if device != self._xy.device:
+                raise ValueError(f"every update must be on the device of the first ({self._xy.device}); got {device}")
             if self_map != self.self_map:
                 said = "without ys (a self map)" if self.self_map else "with ys"
                 raise ValueError(f"every update must be {said}, like the first one")
-            if (layers_x, layers_y) != tuple(self.hsic_xy.shape):
+            if (layers_x, layers_y) != tuple(self._xy.shape):
                 raise ValueError(
-                    f"every update must have the layer counts of the first, {tuple(self.hsic_xy.shape)}; "
+                    f"every update must have the layer counts of the first, {tuple(self._xy.shape)}; "
                     f"got ({layers_x}, {layers_y})"
                 )
             return
         self.self_map = self_map
         f64 = dict(dtype=torch.float64, device=device)
-        self.hsic_xy = torch.zeros(layers_x, layers_y, **f64)
-        self.hsic_xx = torch.zeros(layers_x, **f64)
-        self.hsic_yy = self.hsic_xx if self_map else torch.zeros(layers_y, **f64)
+        self._xy = torch.zeros(layers_x, layers_y, **f64)
+        self._xx = torch.zeros(layers_x, **f64)
+        self._yy = self._xx if self_map else torch.zeros(layers_y, **f64)
 

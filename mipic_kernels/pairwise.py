@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
 from . import api, rules
+from .scratch import Scratch
 from .selection import accumulation_dtype
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -47,19 +49,47 @@ class Side:
 
     ``upper`` ``(*, n, n)``: the strictly upper part of the kernel matrix (zero on and
     below the diagonal); ``diagonal`` ``(*, n)`` and ``rows`` ``(*, n)``: its diagonal
-    and its row sums without the diagonal, float64; ``count`` ``(*)``: real rows;
-    ``hsic`` ``(*)``: self-HSIC; ``defined`` ``(*)``: whether the input has enough rows
-    and variance (the reference's rule, applied to one side); ``pairs``: the HSIC of
-    every pair in the stack ``(S, S, *)`` when asked for, else None.
+    and its row sums without the diagonal, float64; ``count``: real rows, ``(*)``, or a
+    float when every row is real (so that the estimators' arithmetic on it stays on
+    the host); ``hsic`` ``(*)``: self-HSIC; ``spread``, ``size`` ``(*)`` and ``ok``
+    ``(*)`` bool: what the reference's rule judges variance and the bandwidth by
+    (see :func:`defined_inputs`); ``pairs``: the HSIC of every pair in the stack
+    ``(S, S, *)`` when asked for, else None.
     """
 
     upper: torch.Tensor
     diagonal: torch.Tensor
     rows: torch.Tensor
-    count: torch.Tensor
+    count: Union[float, torch.Tensor]
     hsic: torch.Tensor
-    defined: torch.Tensor
+    spread: torch.Tensor
+    size: torch.Tensor
+    ok: torch.Tensor
+    kernel: str
+    unbiased: bool
     pairs: Optional[torch.Tensor] = None
+
+    @property
+    def defined(self) -> torch.Tensor:
+        """Whether each input has enough rows and variance (bool ``(*)``)."""
+        return defined_inputs(self.count, self.spread, self.size, self.hsic, self.ok,
+                              kernel=self.kernel, unbiased=self.unbiased)
+
+
+def defined_inputs(
+    count: Union[float, torch.Tensor],
+    spread: torch.Tensor,
+    size: torch.Tensor,
+    hsic: torch.Tensor,
+    ok: torch.Tensor,
+    *,
+    kernel: str,
+    unbiased: bool,
+) -> torch.Tensor:
+    """The reference's rule (:func:`rules.defined_entries`) for each input against
+    itself; a pair is defined when both of its inputs are. Arguments broadcast."""
+    n = torch.as_tensor(count, dtype=spread.dtype, device=spread.device)
+    return rules.defined_entries(n, spread, spread, size, size, hsic, hsic, ok, kernel=kernel, unbiased=unbiased)
 
 
 def side_statistics(
@@ -72,19 +102,20 @@ def side_statistics(
     rbf_threshold: float,
     dtype: torch.dtype,
     all_pairs: bool = False,
+    scratch: Optional[Scratch] = None,
 ) -> Side:
     """:class:`Side` of inputs stacked along a first dim: ``parts`` are ``(L_i, *, n,
     p_i)`` tensors (widths may differ between parts), giving leading dims
     ``(S, *)`` with ``S = sum L_i``; every step after the Grams runs once on the whole
     stack. ``mask`` ``(*, n)`` bool broadcasts against ``*``; None means every row is
     real. ``all_pairs`` also takes the HSIC of every pair in the stack (one matrix
-    product per row block, self terms included).
-    Arguments are assumed validated."""
+    product per row block, self terms included). ``scratch``: buffers for the largest
+    intermediates, reused from call to call (no autograd then; the result's ``upper``
+    lives in them until the next call). Arguments are assumed validated."""
     rows = None if mask is None else mask.to(dtype)
-    upper, diagonal, mean_square = _shifted_grams(parts, rows, dtype)
+    upper, diagonal, mean_square = _shifted_grams(parts, rows, dtype, scratch)
     if rows is None:
-        count = torch.full(upper.shape[:-2], float(upper.shape[-1]), dtype=dtype, device=upper.device)
-        pair = None
+        count, pair = float(upper.shape[-1]), None
     else:
         count = rows.sum(-1).expand(upper.shape[:-2])
         pair = rows[..., :, None] * rows[..., None, :]
@@ -93,28 +124,26 @@ def side_statistics(
         # sum_i |z_i - mean|^2; the Gram's total is ~0 after the shift, and subtracting
         # it corrects for the shift's rounding as the reference does.
         trace = diagonal.sum(-1)
-        spread = trace - (row_sums.sum(-1) + trace) / count.clamp(min=1)
+        spread = trace - (row_sums.sum(-1) + trace) / _at_least(count, 1)
         # sum_i |x_i|^2 of the unshifted real rows, the scale "no variance" is judged
         # against: the spread plus n |mean|^2.
         size = trace + count * mean_square
     if kernel == "linear":
-        ok = torch.ones_like(count, dtype=torch.bool)
+        ok = torch.ones(upper.shape[:-2], dtype=torch.bool, device=upper.device)
     else:
         upper, diagonal, ok = _rbf_kernel(upper, diagonal, rows, pair, count, sigma, rbf_threshold)
         row_sums = _hollow_row_sums(upper)
     f64 = torch.float64
-    diagonal, row_sums, count64 = diagonal.to(f64), row_sums.to(f64), count.to(f64)
+    diagonal, row_sums = diagonal.to(f64), row_sums.to(f64)
+    count = count if rows is None else count.to(f64)
     if all_pairs:
-        pairs = _estimate(_inner(upper, all_pairs=True), diagonal[:, None], row_sums[:, None],
-                          diagonal[None], row_sums[None], count64[:, None], unbiased)
+        pairs = _estimate(_inner(upper, all_pairs=True, scratch=scratch), diagonal, row_sums, diagonal, row_sums,
+                          count if rows is None else count[:, None], unbiased, all_pairs=True)
         hsic = torch.diagonal(pairs, dim1=0, dim2=1).movedim(-1, 0)
     else:
         pairs = None
-        hsic = _estimate(_inner(upper), diagonal, row_sums, diagonal, row_sums, count64, unbiased)
-
-    # The reference's rule (one side against itself).
-    defined = rules.defined_entries(count, spread, spread, size, size, hsic, hsic, ok, kernel=kernel, unbiased=unbiased)
-    return Side(upper, diagonal, row_sums, count64, hsic, defined, pairs)
+        hsic = _estimate(_inner(upper), diagonal, row_sums, diagonal, row_sums, count, unbiased)
+    return Side(upper, diagonal, row_sums, count, hsic, spread, size, ok, kernel, unbiased, pairs)
 
 
 def pair_hsic(inner: torch.Tensor, a: Side, b: Side, unbiased: bool) -> torch.Tensor:
@@ -135,19 +164,35 @@ def _estimate(
     rows_a: torch.Tensor,
     diagonal_b: torch.Tensor,
     rows_b: torch.Tensor,
-    count: torch.Tensor,
+    count: Union[float, torch.Tensor],
     unbiased: bool,
+    *,
+    all_pairs: bool = False,
 ) -> torch.Tensor:
     """Song et al.'s formula times ``n (n - 3)`` (unbiased) or ``<H K H, H L H>``
     expanded (biased), from ``inner = 2 <upper_K, upper_L>``, the diagonals and the
-    row sums without the diagonal; float64, arguments broadcast."""
-    dot = functools.partial(torch.einsum, "...i,...i->...")
+    row sums without the diagonal; float64, arguments broadcast. ``all_pairs``: the
+    ``a`` and ``b`` statistics are ``(S, *, n)`` and every pair along their first dim
+    is wanted, ``(S, S, *)`` (matrix products instead of broadcast ones)."""
+    if all_pairs:
+        def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return (u.movedim(0, -2) @ v.movedim(0, -2).mT).movedim((-2, -1), (0, 1))
+
+        def times(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return u[:, None] * v[None]
+    else:
+        dot, times = functools.partial(torch.einsum, "...i,...i->..."), operator.mul
     if unbiased:
-        n = torch.where(count >= 4, count, torch.full_like(count, 4))
-        return inner + rows_a.sum(-1) * rows_b.sum(-1) / ((n - 1) * (n - 2)) - 2 * dot(rows_a, rows_b) / (n - 2)
-    n = count.clamp(min=1)
+        n = _at_least(count, 4)
+        return inner + times(rows_a.sum(-1), rows_b.sum(-1)) / ((n - 1) * (n - 2)) - 2 * dot(rows_a, rows_b) / (n - 2)
+    n = _at_least(count, 1)
     full_a, full_b = rows_a + diagonal_a, rows_b + diagonal_b
-    return inner + dot(diagonal_a, diagonal_b) - 2 * dot(full_a, full_b) / n + full_a.sum(-1) * full_b.sum(-1) / n.square()
+    return inner + dot(diagonal_a, diagonal_b) - 2 * dot(full_a, full_b) / n + times(full_a.sum(-1), full_b.sum(-1)) / (n * n)
+
+
+def _at_least(count: Union[float, torch.Tensor], low: int) -> Union[float, torch.Tensor]:
+    # Only keeps the arithmetic finite: the rule leaves entries with fewer rows undefined.
+    return count.clamp(min=low) if isinstance(count, torch.Tensor) else max(count, low)
 
 
 def layer_stacks(*sides: Features) -> list[torch.Tensor]:
@@ -169,7 +214,9 @@ def layer_stacks(*sides: Features) -> list[torch.Tensor]:
 
 def take(s: Side, index: object) -> Side:
     """``s`` indexed along its leading dims (``pairs`` dropped)."""
-    return Side(s.upper[index], s.diagonal[index], s.rows[index], s.count[index], s.hsic[index], s.defined[index])
+    count = s.count[index] if isinstance(s.count, torch.Tensor) else s.count
+    return Side(s.upper[index], s.diagonal[index], s.rows[index], count, s.hsic[index], s.spread[index],
+                s.size[index], s.ok[index], s.kernel, s.unbiased)
 
 
 def every_pair(both: Side, first: int, self_map: bool) -> tuple[torch.Tensor, Side, Side]:
@@ -275,14 +322,17 @@ def cka_matrix(
     return rules.cka_value(cross, a.hsic[:, None], b.hsic[None, :], defined).to(options["dtype"])
 
 
-def stack_features(name: str, xs: object) -> Features:
+def stack_features(name: str, xs: object, *, check_values: bool = True) -> Features:
     """The inputs of one side, checked alike (same dtype, device, leading dims and row
-    count) and finite: a stacked tensor as it is, a sequence as a list."""
+    count) and finite: a stacked tensor as it is, a sequence as a list.
+    ``check_values=False`` leaves finiteness to the caller (:func:`check_finite`), which
+    can test its results instead: NaN or inf in the features reaches every statistic."""
     if isinstance(xs, torch.Tensor):
         api._check_features(name, xs, min_dim=3)
         if xs.shape[0] == 0:
             raise ValueError(f"{name} must hold at least one input, shape (L >= 1, *, n, p); got {tuple(xs.shape)}")
-        _check_finite(name, xs)
+        if check_values:
+            _check_finite(name, xs)
         return xs  # indexes and measures like the list of its layers
     if isinstance(xs, (str, bytes)) or not isinstance(xs, Sequence) or len(xs) == 0:
         raise TypeError(
@@ -292,10 +342,17 @@ def stack_features(name: str, xs: object) -> Features:
     out = []
     for i, t in enumerate(xs):
         api._check_features(f"{name}[{i}]", t, min_dim=2)
-        _check_finite(f"{name}[{i}]", t)
+        if check_values:
+            _check_finite(f"{name}[{i}]", t)
         out.append(t)
     _check_alike(name, out, out[0], f"{name}[0]")
     return out
+
+
+def check_finite(name: str, xs: Features) -> None:
+    """Raise a ValueError naming the first input of one side that holds NaN or inf."""
+    for i, t in enumerate([xs] if isinstance(xs, torch.Tensor) else xs):
+        _check_finite(name if isinstance(xs, torch.Tensor) else f"{name}[{i}]", t)
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -338,54 +395,114 @@ def _check_broadcast_mask(
     return mask
 
 
-# Row blocks of the Gram product: big enough for an efficient matrix product, small
-# enough that skipping the blocks below the diagonal pays.
-_GRAM_BLOCK = 128
+# Rows of the Gram product are padded to a multiple of this: the CPU matrix products
+# run up to 1.5x longer on odd sizes (63 rows against 64).
+_ROW_ALIGN = 8
+
+
+def _gram_block(n: int) -> int:
+    """Rows per block of the Gram product: about an eighth of the rows, a power of two
+    of at least 32, which measured fastest from 64 to 1040 rows (CPU, float32). Small
+    enough that skipping the blocks below the diagonal pays, big enough for an
+    efficient matrix product."""
+    return max(32, 1 << max((n // 8).bit_length() - 1, 0))
 
 
 def _shifted_grams(
-    parts: Sequence[torch.Tensor], rows: Optional[torch.Tensor], dtype: torch.dtype
+    parts: Sequence[torch.Tensor], rows: Optional[torch.Tensor], dtype: torch.dtype, scratch: Optional[Scratch]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Gram of every input of the ``(L_i, *, n, p_i)`` parts, its rows shifted by
     their mean over the real rows (padding rows zeroed) as
     :func:`reference._centred_gram` forms it, stacked ``(sum L_i, *, n, n)`` as its
     strictly upper part and its diagonal; and ``|mean|^2`` of each input.
 
-    Only the row blocks on and above the diagonal are multiplied: about ``(b + 1) / 2b``
-    of the multiply-adds for ``b`` blocks (0.56 at ``n = 1024``). Each part is shifted
-    and multiplied in batched products, straight into the stacked result.
+    Consecutive parts of one width are shifted into one stack, followed by zero rows
+    up to a multiple of ``_ROW_ALIGN`` (zero rows add nothing; the views returned
+    leave them out), and multiplied in batched products straight into the stacked
+    result. Only the row blocks on and above the diagonal are multiplied: about
+    ``(b + 1) / 2b`` of the multiply-adds for ``b`` blocks. With ``scratch``, the
+    shifted features and the Grams are written into its buffers.
     """
-    lead = torch.broadcast_shapes(*(t.shape[1:-2] for t in parts), () if rows is None else rows.shape[:-1])
+    shapes = [t.shape[1:-2] for t in parts] + ([] if rows is None else [rows.shape[:-1]])
+    # torch.broadcast_shapes takes as long as a small operation: only when needed.
+    lead = shapes[0] if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
     n = parts[0].shape[-2]
-    total = sum(t.shape[0] for t in parts)
-    gram = torch.empty(total, *lead, n, n, dtype=dtype, device=parts[0].device)
+    padded = -(-n // _ROW_ALIGN) * _ROW_ALIGN
+    block = _gram_block(padded)
+    device = parts[0].device
+    gram = _buffer(scratch, "gram", (sum(t.shape[0] for t in parts), *lead, padded, padded), dtype, device)
+    weights = None if rows is None else rows[..., None]
     means, start = [], 0
-    for t in parts:
-        z, out = t.to(dtype), gram[start:start + t.shape[0]]
-        start += t.shape[0]
-        if rows is None:
-            mean = z.mean(-2, keepdim=True)
-            shifted = z - mean
-        else:
-            weights = rows[..., None]
-            mean = (z * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
-            shifted = (z - mean) * weights
-        means.append(mean.square().sum((-2, -1)).expand(t.shape[0], *lead))
-        shifted = shifted.expand(t.shape[0], *lead, n, z.shape[-1])
-        for lo in range(0, n, _GRAM_BLOCK):
-            hi = min(lo + _GRAM_BLOCK, n)
+    for g, group in enumerate(_same_width_runs(parts)):
+        layers = sum(t.shape[0] for t in group)
+        shifted = _buffer(scratch, f"shifted{g}", (layers, *lead, padded, group[0].shape[-1]), dtype, device)
+        at = 0
+        for t in group:
+            z = t.to(dtype)
+            if weights is None:
+                mean = z.mean(-2, keepdim=True)
+            else:
+                mean = (z * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
+            means.append(mean.square().sum((-2, -1)).expand(t.shape[0], *lead))
+            _write_shift(shifted[at:at + t.shape[0], ..., :n, :], z, mean, weights, in_place=scratch is not None)
+            at += t.shape[0]
+        if padded > n:
+            shifted[..., n:, :] = 0
+        out = gram[start:start + layers]
+        start += layers
+        for lo in range(0, padded, block):
+            hi = min(lo + block, padded)
             # Product then copy: matmul(out=) into this strided block is several times
             # slower with two threads.
             out[..., lo:hi, lo:] = shifted[..., lo:hi, :] @ shifted[..., lo:, :].mT
+    gram = gram[..., :n, :n]
     diagonal = gram.diagonal(dim1=-2, dim2=-1).clone()  # the rest below the blocks: cleared next
     return gram.triu_(1), diagonal, torch.cat(means).detach()
 
 
-# Rows of the kernel matrices converted to float64 at a time by _inner.
-_INNER_BLOCK = 128
+def _same_width_runs(parts: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``parts`` in runs of consecutive parts with one width, each run shifted into
+    one stack and multiplied with one product per row block."""
+    runs: list[list[torch.Tensor]] = []
+    for t in parts:
+        if runs and runs[-1][0].shape[-1] == t.shape[-1]:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
 
 
-def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, all_pairs: bool = False) -> torch.Tensor:
+def _buffer(
+    scratch: Optional[Scratch], name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device) if scratch is None else scratch.take(name, shape, dtype, device)
+
+
+def _write_shift(
+    into: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, weights: Optional[torch.Tensor], *, in_place: bool
+) -> None:
+    """``into = (z - mean) * weights`` (``weights`` None: 1), broadcast to ``into``:
+    ``in_place`` (for scratch buffers) writes with ``out=`` and in-place operations,
+    which allocate nothing but which autograd does not follow; otherwise the result
+    is copied in, and autograd records the copy."""
+    if not in_place:
+        into.copy_(z - mean if weights is None else (z - mean) * weights)
+        return
+    torch.sub(z.expand(into.shape), mean, out=into)
+    if weights is not None:
+        into.mul_(weights)
+
+
+def _inner_block(n: int) -> int:
+    """Rows of the kernel matrices converted to float64 at a time by :func:`_inner`:
+    the Gram's row blocks (the products then skip the zero blocks below the diagonal),
+    at most 128 (the float64 copies stay small)."""
+    return min(128, _gram_block(n))
+
+
+def _inner(
+    a: torch.Tensor, b: Optional[torch.Tensor] = None, *, all_pairs: bool = False, scratch: Optional[Scratch] = None
+) -> torch.Tensor:
     """``2 <a, b>`` in float64 for strictly upper ``(*, n, n)`` matrices whose leading
     dims broadcast (one batched product per row block: the broadcast is never
     materialised); ``b=None`` gives ``2 <a, a>``, or with ``all_pairs`` the ``(S, S, *)``
@@ -393,19 +510,24 @@ def _inner(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, all_pairs: bool
 
     Every HSIC is a sum of ``n^2`` products: summed in float32, that sum alone loses
     more than all the other steps together (a CKA error of 3e-6 against 6e-10 at
-    ``n = 512``). Converting a block of rows at a time keeps the float64 copies small.
+    ``n = 512``). Converting a block of rows at a time keeps the float64 copies small
+    (and, with ``scratch``, in one reused buffer).
     """
     n = a.shape[-1]
     if n == 0:
         lead = (a.shape[0], *a.shape[:-2]) if all_pairs else a.shape[:-2]
         lead = lead if b is None else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         return torch.zeros(lead, dtype=torch.float64, device=a.device)
-    step = n if a.dtype == torch.float64 else _INNER_BLOCK
+    step = n if a.dtype == torch.float64 else _inner_block(n)
     parts = []
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         # Columns left of lo are zero in these rows (strictly upper matrices).
-        block = a[..., lo:hi, lo:].to(torch.float64)
+        block = a[..., lo:hi, lo:]
+        if block.dtype == torch.float64 or scratch is None:
+            block = block.to(torch.float64)
+        else:
+            block = scratch.take("inner", block.shape, torch.float64, block.device).copy_(block)
         if all_pairs:
             # (*, S, rows * columns) times its transpose: no copy of the block.
             flat = block.movedim(0, -3).flatten(-2)
@@ -428,13 +550,14 @@ def _rbf_kernel(
     diagonal: torch.Tensor,
     rows: Optional[torch.Tensor],
     pair: Optional[torch.Tensor],
-    count: torch.Tensor,
+    count: Union[float, torch.Tensor],
     sigma: Optional[float],
     rbf_threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The RBF kernel matrix of a Gram given as (strictly upper part, diagonal), in the
     same form and zero outside the real rows, and a usable-bandwidth flag."""
     n = upper.shape[-1]
+    count = torch.as_tensor(count, dtype=upper.dtype, device=upper.device).expand(upper.shape[:-2])
     strict = torch.ones(n, n, dtype=torch.bool, device=upper.device).triu(1)
     if pair is not None:
         strict = strict & (pair > 0)

@@ -203,6 +203,10 @@ def _updated(*args, **kwargs) -> mk.MinibatchCKA:
         (lambda: _updated(Z, torch.randn(2, 7, 3)), ValueError, r"ys must have the row count of xs \(6\)"),
         (lambda: _updated(Z, Z.double()), TypeError, "ys must have the dtype of xs"),
         (lambda: _updated(Z.clone().fill_(math.nan)), ValueError, "xs must be finite"),
+        (lambda: _updated(Z, Z.clone().fill_(math.inf)), ValueError, "ys must be finite"),
+        (lambda: _updated([Z[0], Z[1].clone().fill_(math.nan)]), ValueError, r"xs\[1\] must be finite"),
+        (lambda: _updated(Z.clone().fill_(math.nan), mask=torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.bool)),
+         ValueError, "xs must be finite"),
         (lambda: _updated([Z[0], Z[1].int()]), TypeError, r"xs\[1\] must have a floating dtype"),
         (lambda: _updated(Z, Z).update(Z), ValueError, "every update must be with ys, like the first one"),
         (lambda: _updated(Z).update(Z, Z), ValueError, r"every update must be without ys \(a self map\)"),
@@ -212,3 +216,18 @@ def _updated(*args, **kwargs) -> mk.MinibatchCKA:
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_a_rejected_minibatch_adds_nothing():
+    xs, ys = _layers(3, 40, 5, seed=80), _layers(2, 40, 4, seed=84)
+    once, rejected = mk.MinibatchCKA(), mk.MinibatchCKA()
+    once.update(xs[:, :20], ys[:, :20])
+    rejected.update(xs[:, :20], ys[:, :20])
+    bad = ys[:, 20:].clone()
+    bad[1, 3, 2] = math.nan
+    with pytest.raises(ValueError, match="ys must be finite"):
+        rejected.update(xs[:, 20:], bad)
+    with pytest.raises(ValueError, match="layer counts"):
+        rejected.update(xs[:2, 20:], ys[:, 20:])
+    assert rejected.batches == 1 and rejected.rows == 20
+    assert torch.equal(rejected.compute(), once.compute())
