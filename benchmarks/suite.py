@@ -33,7 +33,7 @@ live in ``DIR/cache``: a second call on the same machine starts warm.
 
 ``--dry-run`` runs the same stages at tiny shapes on the CPU (no Triton rows: they need
 a CUDA GPU), in seconds, to check the suite itself. ``benchmarks/GPU.md`` gives the
-command lines for a lent GPU and how to file what comes back.
+command lines for a remote GPU machine and how to file what comes back.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def draw_figures(out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mipic-bench gpu-suite", description=__doc__.split("\n\n")[0].replace("``", ""),
-        epilog="Stages: " + ", ".join(STAGES) + ". See benchmarks/GPU.md for the command lines on a lent GPU.",
+        epilog="Stages: " + ", ".join(STAGES) + ". See benchmarks/GPU.md for the command lines on a remote GPU machine.",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="the suite's folder: what is there already is not run again")
