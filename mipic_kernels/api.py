@@ -149,7 +149,9 @@ def nested_cka(
 
     Returns:
         ``(*, len(dims))``, float64 for float64 input and float32 otherwise; NaN
-        exactly where the entry is undefined (see :func:`cka`).
+        exactly where the entry is undefined (see :func:`cka`). The backward ignores
+        the upstream gradient of undefined entries: they pass no gradient, whatever it
+        holds there.
 
     Raises:
         ValueError: for non-finite ``x``, or non-finite ``scores`` at a real token, on

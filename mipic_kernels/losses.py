@@ -88,11 +88,10 @@ class NestedCKALoss(nn.Module):
         the reduction then runs over every process's entries, the defined ones counted
         on all of them."""
         values = nested_cka(x, self.dims, scores=scores, mask=mask, **self.options).reshape(-1, len(self.dims))
-        defined = values == values  # not NaN, in one operation (each is a launch on a GPU)
-        total = torch.where(defined, 1 - values, 0.0).sum(0)
+        total = _DefinedGapSums.apply(values)
         if self.reduction == "sum":
             return total if sum_over_processes is None else sum_over_processes(total)
-        count = defined.sum(0)
+        count = (values == values).sum(0)  # defined: not NaN, in one operation
         if sum_over_processes is not None:
             total, count = sum_over_processes(torch.stack([total, count.to(total.dtype)])).unbind()
         return total / count.clamp(min=1)
@@ -116,6 +115,28 @@ class NestedCKALoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in self.get_config_dict().items())
+
+
+class _DefinedGapSums(torch.autograd.Function):
+    """``sum(1 - v)`` over the defined (not NaN) entries of each width of CKA values
+    ``v (N, W)``, with the gradient that :func:`nested_cka` needs.
+
+    Every op here is a kernel launch on a GPU, and at small shapes the launches, not the
+    kernels, set a training step's time. Autograd through a mask and a sum takes four
+    launches in the backward; this takes one: each width's upstream gradient is handed to
+    every entry of the width as a broadcast view (no copy), the undefined entries too,
+    which is exact because :func:`nested_cka` ignores the upstream gradient wherever an
+    entry is undefined (on both backends). Only CKA values from :func:`nested_cka` may
+    come in."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor) -> torch.Tensor:
+        ctx.entries = values.shape[0]
+        return torch.nansum(1 - values, 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.neg().expand(ctx.entries, -1)
 
 
 def _check_weights(weights: Optional[Sequence[float]], n_widths: int) -> tuple[float, ...]:

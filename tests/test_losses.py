@@ -35,6 +35,26 @@ def test_loss_is_the_weighted_reduction_of_one_minus_cka(reduction):
     torch.testing.assert_close(loss(x, scores=scores, mask=mask), want)
 
 
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_gradient_is_autograd_through_the_masked_reduction(reduction):
+    # The loss's own backward skips the mask; autograd through the documented formula keeps it.
+    x = _x(3, 5, 17, 12, seed=8).requires_grad_()
+    mask = torch.rand(3, 5, 17, generator=generator(9)) < 0.6
+    mask[0, 0, 1:] = False
+    opts = dict(k=[0.3, 0.6, 0.9], k_min=3, kernel="rbf", unbiased=True, detach_full=False)
+    loss = mk.NestedCKALoss([3, 6, 9], weights=[0.3, 1.1, 2.7], reduction=reduction, **opts)
+    got, = torch.autograd.grad(loss(x, mask=mask), x)
+    values = mk.nested_cka(x, [3, 6, 9], mask=mask, **opts).reshape(-1, 3)
+    defined = ~values.isnan()
+    assert not defined.all()
+    gaps = torch.where(defined, 1 - values, 0.0).sum(0)
+    if reduction == "mean":
+        gaps = gaps / defined.sum(0).clamp(min=1)
+    want, = torch.autograd.grad((gaps * torch.tensor([0.3, 1.1, 2.7], dtype=torch.float64)).sum(), x)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, want)
+
 def test_loss_is_finite_when_every_entry_is_undefined():
     x = _x(2, 6, 5, seed=4).requires_grad_()
     mask = torch.zeros(2, 6, dtype=torch.bool)

@@ -164,6 +164,28 @@ def test_undefined_entries_are_nan_with_zero_gradient():
         assert torch.isnan(value[2]).all() == unbiased
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_upstream_gradient_at_undefined_entries_is_ignored(backend, kernel):
+    # NestedCKALoss hands every entry of a width the same upstream gradient, the
+    # undefined ones too (one launch instead of a mask and its autograd): exact only
+    # because of this.
+    x = _states(4, 9, 13, seed=55).to(DEVICE).requires_grad_()
+    mask = torch.ones(4, 9, dtype=torch.bool, device=DEVICE)
+    mask[1, 3:] = False  # 3 real tokens: undefined when unbiased
+    with torch.no_grad():
+        x[2] = x[2, :1].clone()  # no variance: undefined at every width
+    value = mk.nested_cka(x, (3, 7), k=[0.6, 1.0], k_min=2, mask=mask, kernel=kernel, unbiased=True,
+                          detach_full=False, backend=backend)
+    defined = value == value
+    assert defined.any() and not defined.all()
+    upstream = torch.randn(value.shape, generator=generator(56)).to(DEVICE) + 2.0
+    everywhere, = torch.autograd.grad(value, x, upstream, retain_graph=True)
+    where_defined, = torch.autograd.grad(value, x, torch.where(defined, upstream, 0.0))
+    assert torch.isfinite(everywhere).all() and everywhere.abs().max() > 0
+    torch.testing.assert_close(everywhere, where_defined, rtol=0, atol=0)
+
 def test_no_gradient_work_without_grad(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("backward kernels ran")
